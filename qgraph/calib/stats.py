@@ -1,0 +1,91 @@
+"""Stream per-channel activation statistics by running the float graph in ONNX Runtime.
+
+Requested values are exposed as extra graph outputs; each calibration window is run once
+and folded into running min / max / sum|x| / count per channel (last axis), so memory holds
+one window's activations at a time, never the whole calibration set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.calib.data import TokenWindows
+from qgraph.errors import QGraphError
+from qgraph.progress import track
+
+
+@dataclasses.dataclass
+class ChannelStats:
+    """Running statistics of one activation, per channel of its last axis."""
+
+    min: np.ndarray
+    max: np.ndarray
+    abs_sum: np.ndarray
+    count: int = 0
+
+    @classmethod
+    def empty(cls, channels: int) -> ChannelStats:
+        return cls(np.full(channels, np.inf), np.full(channels, -np.inf), np.zeros(channels), 0)
+
+    def update(self, x: np.ndarray) -> None:
+        x2 = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        self.min = np.minimum(self.min, x2.min(axis=0))
+        self.max = np.maximum(self.max, x2.max(axis=0))
+        self.abs_sum += np.abs(x2).sum(axis=0, dtype=np.float64)
+        self.count += x2.shape[0]
+
+    @property
+    def abs_mean(self) -> np.ndarray:
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def abs_max(self) -> np.ndarray:
+        return np.maximum(-self.min, self.max)
+
+    @property
+    def tensor_min(self) -> float:
+        return float(self.min.min())
+
+    @property
+    def tensor_max(self) -> float:
+        return float(self.max.max())
+
+
+def collect_stats(
+    model: ir.Model,
+    value_names: list[str],
+    windows: TokenWindows,
+    *,
+    threads: int = 1,
+    progress: bool = True,
+) -> dict[str, ChannelStats]:
+    """Per-channel statistics of the named values over the calibration windows."""
+    from qgraph.backends.onnx_qdq import session_from_model
+
+    graph = model.graph
+    by_name = {v.name: v for node in graph for v in node.outputs}
+    by_name.update({v.name: v for v in graph.inputs})
+    missing = [n for n in value_names if n not in by_name]
+    if missing:
+        raise QGraphError(f"calibration values not in the graph: {missing[:5]}", "check the value names")
+    wanted = list(dict.fromkeys(value_names))
+    added = [by_name[n] for n in wanted if by_name[n] not in graph.outputs]
+    graph.outputs.extend(added)
+    try:
+        # One thread: the same inputs give bit-identical statistics, hence the same artifact.
+        session = session_from_model(model, threads=threads, optimize=False)
+    finally:
+        for v in added:
+            graph.outputs.remove(v)
+    input_name = session.get_inputs()[0].name
+    stats: dict[str, ChannelStats] = {}
+    for row in track(windows.ids, "calibrating", total=windows.count, enabled=progress):
+        outs = session.run(wanted, {input_name: row[None, :]})
+        for name, arr in zip(wanted, outs):
+            if name not in stats:
+                stats[name] = ChannelStats.empty(arr.shape[-1])
+            stats[name].update(arr)
+    return stats

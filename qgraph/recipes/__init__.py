@@ -1,0 +1,179 @@
+"""Named quantization recipes (YAML files beside this module), loaded and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qgraph.errors import QGraphError
+
+RECIPE_DIR = Path(__file__).parent
+
+_TOP_KEYS = {"name", "description", "layers", "weights", "activations", "lm_head", "embedding", "lowering"}
+_LAYER_KEYS = {"select", "skip"}
+_WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric"}
+_ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer"}
+_HEAD_KEYS = {"weights", "activations", "lowering"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """How one kind of tensor is quantized, before it is bound to a layer's axes."""
+
+    format: str
+    granularity: str = "channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    static: bool = True
+    observer: str = "minmax"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+    """What happens to a set of layers: weight rule, activation rule (None = float), lowering."""
+
+    weights: TensorRule | None
+    activations: TensorRule | None
+    lowering: str = "qdq"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A named recipe: which layers it quantizes and how."""
+
+    name: str
+    description: str
+    blocks: LayerRule | None
+    lm_head: LayerRule | None
+    embedding: str = "float"
+    select: str = "block-linears"
+    skip: tuple[str, ...] = ()
+    source: str = ""
+
+    @property
+    def quantizes(self) -> bool:
+        return self.blocks is not None or self.lm_head is not None
+
+    @property
+    def needs_calibration(self) -> bool:
+        rules = [r for r in (self.blocks, self.lm_head) if r is not None]
+        return any(r.activations is not None and r.activations.static for r in rules)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def available() -> list[str]:
+    """Names of the recipes shipped with qgraph."""
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def _check_keys(d: Any, allowed: set[str], where: str, origin: str) -> dict:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise QGraphError(f"recipe {origin}: {where} must be a mapping, got {type(d).__name__}",
+                          f"write {where} as key: value lines")
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        import difflib
+
+        hints = [difflib.get_close_matches(k, allowed, n=1) for k in unknown]
+        did = "; ".join(f"{k!r} -> did you mean {h[0]!r}?" for k, h in zip(unknown, hints) if h)
+        raise QGraphError(
+            f"recipe {origin}: unknown key(s) {', '.join(map(repr, unknown))} in {where}",
+            (did + "; " if did else "") + f"allowed keys: {', '.join(sorted(allowed))}",
+        )
+    return d
+
+
+def _tensor_rule(d: Any, where: str, origin: str, allowed: set[str]) -> TensorRule | None:
+    if d in (None, "float", "none"):
+        return None
+    d = _check_keys(d, allowed, where, origin)
+    if "format" not in d:
+        raise QGraphError(f"recipe {origin}: {where} has no format", "add e.g. `format: int8`")
+    from qgraph.ir.qspec import FORMATS
+
+    if d["format"] not in FORMATS:
+        raise QGraphError(f"recipe {origin}: unknown format {d['format']!r} in {where}",
+                          f"use one of {', '.join(FORMATS)}")
+    gran = d.get("granularity", "channel")
+    if gran not in ("tensor", "channel", "group"):
+        raise QGraphError(f"recipe {origin}: unknown granularity {gran!r} in {where}", "use tensor, channel or group")
+    if gran == "group" and not d.get("group_size"):
+        raise QGraphError(f"recipe {origin}: {where} has granularity group but no group_size", "add group_size: 128")
+    return TensorRule(
+        format=d["format"], granularity=gran, group_size=d.get("group_size"),
+        symmetric=bool(d.get("symmetric", True)), static=bool(d.get("static", True)),
+        observer=d.get("observer", "minmax"),
+    )
+
+
+def _layer_rule(d: Any, where: str, origin: str) -> LayerRule | None:
+    if d in (None, "float", "none"):
+        return None
+    d = _check_keys(d, _HEAD_KEYS, where, origin)
+    lowering = d.get("lowering", "qdq")
+    if lowering not in ("qdq", "matmulnbits"):
+        raise QGraphError(f"recipe {origin}: unknown lowering {lowering!r} in {where}", "use qdq or matmulnbits")
+    rule = LayerRule(
+        _tensor_rule(d.get("weights"), f"{where}.weights", origin, _WEIGHT_KEYS),
+        _tensor_rule(d.get("activations"), f"{where}.activations", origin, _ACT_KEYS),
+        lowering,
+    )
+    if rule.weights is None and rule.activations is None:
+        return None
+    if rule.lowering == "matmulnbits" and (rule.activations is not None or rule.weights is None
+                                           or rule.weights.format not in ("int4", "uint4")
+                                           or rule.weights.granularity != "group"):
+        raise QGraphError(f"recipe {origin}: lowering matmulnbits in {where} is int4 group weight-only",
+                          "use weights {format: int4, granularity: group} with no activations, or lowering: qdq")
+    return rule
+
+
+def parse_recipe(data: Any, origin: str) -> Recipe:
+    """Validate a recipe mapping; every mistake names the key and the fix."""
+    d = _check_keys(data, _TOP_KEYS, "the top level", origin)
+    layers = _check_keys(d.get("layers", {}), _LAYER_KEYS, "layers", origin)
+    select = layers.get("select", "block-linears")
+    if select != "block-linears":
+        raise QGraphError(f"recipe {origin}: unknown layers.select {select!r}", "use block-linears")
+    blocks = _layer_rule(
+        {k: d[k] for k in ("weights", "activations", "lowering") if k in d}, "the blocks", origin
+    )
+    embedding = d.get("embedding", "float")
+    if embedding != "float":
+        raise QGraphError(f"recipe {origin}: embedding {embedding!r} is not supported yet", "use embedding: float")
+    return Recipe(
+        name=str(d.get("name", Path(origin).stem)),
+        description=str(d.get("description", "")),
+        blocks=blocks,
+        lm_head=_layer_rule(d.get("lm_head"), "lm_head", origin),
+        embedding=embedding,
+        select=select,
+        skip=tuple(layers.get("skip", []) or []),
+        source=origin,
+    )
+
+
+def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
+    """A shipped recipe by name, or a recipe YAML file by path."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
+    text = str(name_or_path)
+    path = Path(text)
+    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+        path = RECIPE_DIR / f"{text}.yaml"
+        if not path.exists():
+            raise QGraphError(f"unknown recipe {text!r}", f"use one of {', '.join(available())} or a path to a .yaml file")
+    elif not path.exists():
+        raise QGraphError(f"recipe file {text!r} does not exist", f"use one of {', '.join(available())} or an existing .yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise QGraphError(f"recipe {path.name}: not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML syntax") from None
+    return parse_recipe(data, path.name)
