@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from qgraph.errors import QGraphError
 from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotation_of, range_of
@@ -135,19 +136,20 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                 f"layer {layer.name}: activation {x.name!r} has no calibrated range",
                 "run calibration before lowering (qgraph.compile does this for static recipes)",
             )
-        key = x.name
+        # One QuantizeLinear -> DequantizeLinear pair per consumer: ORT fuses a QDQ node unit only
+        # when its Q output has a single DQ reader (a shared Q leaves q/k/v and gate/up unfused).
+        key = (x.name, layer.name)
         if key not in shared:
             scale, zp = qparams_from_range(np.asarray(rng[0]), np.asarray(rng[1]), spec)
             s_v = _initializer(graph, _unique(graph, f"{x.name}.act_scale"), scale.reshape(()))
             z_v = _initializer(graph, f"{s_v.name}.zero_point", zp.reshape(()))
             qn = ir.node("QuantizeLinear", [x, s_v, z_v], name=f"{layer.name}/act_q")
-            qn.outputs[0].name = f"{x.name}.q"
+            qn.outputs[0].name = f"{x.name}.q.{layer.name}"
             qn.outputs[0].type = ir.TensorType(spec.onnx_dtype)
             qn.outputs[0].shape = x.shape
             graph.insert_before(layer.node, qn)
             shared[key] = (qn.outputs[0], s_v, z_v)
         q_out, s_v, z_v = shared[key]
-        # One DequantizeLinear per consumer: ORT fuses a QDQ node unit only when its DQ has one reader.
         dq = ir.node("DequantizeLinear", [q_out, s_v, z_v], name=f"{layer.name}/act_dq")
         dq.outputs[0].name = f"{x.name}.dq.{layer.name}"
         dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
@@ -179,9 +181,7 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         new.outputs[0].shape = old_out.shape
         graph.insert_before(layer.node, new)
         old_name = old_out.name
-        ir.convenience.replace_all_uses_with(old_out, new.outputs[0])
-        if old_out in graph.outputs:
-            graph.outputs[graph.outputs.index(old_out)] = new.outputs[0]
+        old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
         graph.remove(layer.node, safe=True)
         new.outputs[0].name = old_name
 

