@@ -25,11 +25,16 @@ from qgraph.recipes import Recipe, load_recipe
 __all__ = ["CalibConfig", "CompiledModel", "Runner", "bench", "compile", "evaluate", "load", "open_runner"]
 
 
-def load(source: Any = None, example_inputs: tuple | None = None, *, progress: bool = True) -> CapturedModel:
-    """Capture a model into an onnx_ir graph (nn.Module, HF dir, .gguf, .onnx; None = SmolLM2)."""
+def load(
+    source: Any = None, example_inputs: tuple | None = None, *, progress: bool = True, export: bool = True
+) -> CapturedModel:
+    """Capture a model into an onnx_ir graph (nn.Module, HF dir, .gguf, .onnx; None = SmolLM2).
+
+    export=False loads a torch/HF/GGUF model without exporting it yet (`.exported()` does it).
+    """
     from qgraph.ir.capture import load as _load
 
-    return _load(source, example_inputs, progress=progress)
+    return _load(source, example_inputs, progress=progress, export=export)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +146,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     annotate = AnnotateLinearsPass(recipe)
     run(annotate, "annotate_linears")
     if recipe.needs_calibration and annotate.annotated:
-        windows = calib if isinstance(calib, TokenWindows) else _calib_windows(model, calib or CalibConfig())
+        windows = calib if isinstance(calib, TokenWindows) else calibration_windows_for(model, calib or CalibConfig())
         run(CalibrateRangesPass(windows, progress=progress), "calibrate_ranges")
     lower = LowerToOnnxPass()
     t = time.perf_counter()
@@ -161,7 +166,8 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     return CompiledModel(graph_model, model.tokenizer, model.source, recipe, layers, report)
 
 
-def _calib_windows(model: CapturedModel, calib: CalibConfig) -> TokenWindows:
+def calibration_windows_for(model: CapturedModel, calib: CalibConfig) -> TokenWindows:
+    """The calibration token windows a CalibConfig describes, tokenized with the model's tokenizer."""
     return calibration_windows(model.tokenizer, calib.text, windows=calib.windows, ctx=calib.ctx, start=calib.start)
 
 

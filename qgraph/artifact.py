@@ -23,14 +23,20 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def write_atomically(out_dir: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling directory, then move it to out_dir: never a half-written artifact."""
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Refuse an output path that exists and is not an artifact: never overwrite a user's files."""
     out = Path(out_dir).resolve()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise QGraphError(
             f"output {str(out)!r} exists and is not a qgraph artifact",
             "choose a new -o OUT_DIR (an existing artifact directory is replaced)",
         )
+    return out
+
+
+def write_atomically(out_dir: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling directory, then move it to out_dir: never a half-written artifact."""
+    out = check_output_dir(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -7,7 +7,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -31,10 +30,10 @@ def _out():
 
 @app.command("compile")
 def compile_cmd(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
     recipe: str = typer.Option("w8a8", "--recipe", "-r", help="Recipe name (fp32, w8a8, w4a16, ...) or YAML path."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write (replaced atomically)."),
-    calib_text: Optional[str] = typer.Option(None, "--calib-text", help="Calibration text file (default britannica)."),
+    calib_text: str | None = typer.Option(None, "--calib-text", help="Calibration text file (default britannica)."),
     calib_windows: int = typer.Option(8, "--calib-windows", help="Number of calibration windows."),
     ctx: int = typer.Option(512, "--ctx", help="Tokens per calibration window."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
@@ -43,14 +42,18 @@ def compile_cmd(
     import qgraph
 
     progress = not quiet
-    recipe_obj = qgraph.load_recipe(recipe)  # fail fast on a bad recipe, before a long export
+    from qgraph.artifact import check_output_dir
+
+    recipe_obj = qgraph.load_recipe(recipe)  # fail fast on a bad recipe or output, before a long export
+    check_output_dir(out)
     t0 = time.perf_counter()
-    captured = qgraph.load(model, progress=progress)
+    captured = qgraph.load(model, progress=progress, export=False)
+    calib = qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx)
+    if recipe_obj.needs_calibration:  # a bad --calib-text fails now, not after a long export
+        calib = qgraph.api.calibration_windows_for(captured, calib)
+    captured = captured.exported(progress=progress)
     capture_s = time.perf_counter() - t0
-    compiled = qgraph.compile(
-        captured, recipe=recipe_obj,
-        calib=qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx), progress=progress,
-    )
+    compiled = qgraph.compile(captured, recipe=recipe_obj, calib=calib, progress=progress)
     compiled.report["timings_s"]["capture"] = round(capture_s, 3)
     path = compiled.save(out, progress=progress)
     report = json.loads((path / "report.json").read_text())
@@ -75,8 +78,8 @@ def compile_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    target: Optional[str] = typer.Argument(None, help="Artifact directory or " + MODEL_HELP),
-    text: Optional[str] = typer.Option(None, "--text", help="Evaluation text file (default britannica)."),
+    target: str | None = typer.Argument(None, help="Artifact directory or " + MODEL_HELP),
+    text: str | None = typer.Option(None, "--text", help="Evaluation text file (default britannica)."),
     ctx: int = typer.Option(512, "--ctx", help="Tokens per window."),
     windows: int = typer.Option(16, "--windows", help="Number of non-overlapping windows from token 0."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
@@ -118,7 +121,7 @@ def bench_cmd(
 
 @app.command("inspect")
 def inspect_cmd(
-    model: Optional[str] = typer.Argument(None, help=MODEL_HELP),
+    model: str | None = typer.Argument(None, help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
     """List the graph's linear layers (with roles), norms and embeddings."""

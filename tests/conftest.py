@@ -39,12 +39,40 @@ def llama_module():
     return tiny_llama()
 
 
+WORDS = [f"w{i}" for i in range(250)]
+
+
+def word_tokenizer():
+    """A word-level fast tokenizer over WORDS (ids < 256), so tiny models read text offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def write_text(path, n_words: int, seed: int = 0):
+    """A text of n_words words from WORDS: one token per word."""
+    rng = np.random.default_rng(seed)
+    path.write_text(" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n_words)))
+    return path
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory, llama_module):
-    """The tiny Llama saved as a Hugging Face directory (safetensors + config.json)."""
+    """The tiny Llama saved as a Hugging Face directory (safetensors + config.json + tokenizer)."""
     d = tmp_path_factory.mktemp("tiny_llama")
     llama_module.save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """2,000 tokens of text for the tiny models."""
+    return write_text(tmp_path_factory.mktemp("text") / "words.txt", 2000)
 
 
 @pytest.fixture(scope="session")

@@ -76,10 +76,11 @@ def _windows(ids: np.ndarray, text: str, start: int, count: int, ctx: int, what:
     need = start + count * ctx
     if need > len(ids):
         available = max(0, (len(ids) - start) // ctx)
+        fix = f"use a longer text, or lower {option} to {available}" if available else "use a longer text or a smaller --ctx"
         raise QGraphError(
             f"text {Path(text).name!r} has {len(ids)} tokens, too short for {count} {what} windows of "
             f"{ctx} tokens from token {start} (needs {need}; {available} fit)",
-            f"use a longer --text, or lower {option} to {available} or --ctx",
+            fix,
         )
     return TokenWindows(ids[start:need].reshape(count, ctx).copy(), start, text)
 

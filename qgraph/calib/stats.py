@@ -84,7 +84,7 @@ def collect_stats(
     stats: dict[str, ChannelStats] = {}
     for row in track(windows.ids, "calibrating", total=windows.count, enabled=progress):
         outs = session.run(wanted, {input_name: row[None, :]})
-        for name, arr in zip(wanted, outs):
+        for name, arr in zip(wanted, outs, strict=True):
             if name not in stats:
                 stats[name] = ChannelStats.empty(arr.shape[-1])
             stats[name].update(arr)

@@ -32,6 +32,14 @@ class CapturedModel:
     source: dict = dataclasses.field(default_factory=dict)
     torch_module: Any = None  # the float torch module, when captured from torch (reference runs)
 
+    def exported(self, *, progress: bool = True) -> CapturedModel:
+        """This model with its graph: exports the torch module if it was loaded with export=False."""
+        if self.model is not None:
+            return self
+        example = torch.arange(3, 19, dtype=torch.int64).reshape(1, 16) % _vocab_size(self.torch_module)
+        model = export_module(self.torch_module, (example,), progress=progress, dynamic_seq=True)
+        return dataclasses.replace(self, model=model)
+
     @property
     def input_names(self) -> list[str]:
         return [v.name for v in self.model.graph.inputs]
@@ -112,8 +120,9 @@ def load_onnx(path: Path) -> CapturedModel:
         # the graph no longer points at files (in-memory sessions need that).
         model = ir.external_data.load_to_model(model)
     except Exception as exc:  # onnx/protobuf raise many types for a damaged file
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else "corrupt or truncated"
         raise QGraphError(
-            f"cannot read ONNX file {str(path)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'corrupt or truncated'}",
+            f"cannot read ONNX file {str(path)!r}: {type(exc).__name__}: {first_line}",
             "re-export the model or check the file is complete (and its .data file sits beside it)",
         ) from None
     source = {"kind": "onnx", "path": str(path)}
@@ -188,9 +197,13 @@ def _load_transformers(
         "task": "causal-lm" if is_causal else "encoder",
     }
     wrapper = CausalLMLogits(module) if is_causal else EncoderHidden(module)
-    example = torch.arange(3, 19, dtype=torch.int64).reshape(1, 16) % config.vocab_size
-    model = export_module(wrapper, (example,), progress=progress, dynamic_seq=True) if export else None
-    return CapturedModel(model, tokenizer, source, wrapper)
+    captured = CapturedModel(None, tokenizer, source, wrapper)
+    return captured.exported(progress=progress) if export else captured
+
+
+def _vocab_size(module: torch.nn.Module) -> int:
+    config = getattr(getattr(module, "net", module), "config", None)
+    return int(getattr(config, "vocab_size", 16))
 
 
 class CausalLMLogits(torch.nn.Module):

@@ -82,7 +82,7 @@ def _check_keys(d: Any, allowed: set[str], where: str, origin: str) -> dict:
         import difflib
 
         hints = [difflib.get_close_matches(k, allowed, n=1) for k in unknown]
-        did = "; ".join(f"{k!r} -> did you mean {h[0]!r}?" for k, h in zip(unknown, hints) if h)
+        did = "; ".join(f"{k!r} -> did you mean {h[0]!r}?" for k, h in zip(unknown, hints, strict=True) if h)
         raise QGraphError(
             f"recipe {origin}: unknown key(s) {', '.join(map(repr, unknown))} in {where}",
             (did + "; " if did else "") + f"allowed keys: {', '.join(sorted(allowed))}",
@@ -120,9 +120,10 @@ def _layer_rule(d: Any, where: str, origin: str) -> LayerRule | None:
     lowering = d.get("lowering", "qdq")
     if lowering not in ("qdq", "matmulnbits"):
         raise QGraphError(f"recipe {origin}: unknown lowering {lowering!r} in {where}", "use qdq or matmulnbits")
+    prefix = "" if where == "the blocks" else f"{where}."
     rule = LayerRule(
-        _tensor_rule(d.get("weights"), f"{where}.weights", origin, _WEIGHT_KEYS),
-        _tensor_rule(d.get("activations"), f"{where}.activations", origin, _ACT_KEYS),
+        _tensor_rule(d.get("weights"), f"{prefix}weights", origin, _WEIGHT_KEYS),
+        _tensor_rule(d.get("activations"), f"{prefix}activations", origin, _ACT_KEYS),
         lowering,
     )
     if rule.weights is None and rule.activations is None:

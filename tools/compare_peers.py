@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""The scoreboard: qgraph recipes and ONNX Runtime's own quantizer, side by side, measured in one run.
+
+Every row starts from the same fp32 artifact (out/compare/fp32/model.onnx), calibrates on the same
+8 x 512 tokens from token 8,192 and is evaluated on the same 16 x 512-token windows from token 0 of
+britannica-11th.txt. Latency is timed round-robin over all rows in one process (2 threads), min and
+median of --runs rounds, so a busy machine slows every row alike.
+
+    python tools/compare_peers.py [--out out/compare] [--runs 10] [--windows 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qgraph.backends.onnx_qdq import session_from_file  # noqa: E402
+from qgraph.calib.data import calibration_windows, evaluation_windows  # noqa: E402
+from qgraph.eval.bench import time_forward  # noqa: E402
+from qgraph.eval.perplexity import perplexity  # noqa: E402
+from qgraph.ir.capture import load_tokenizer  # noqa: E402
+
+QGRAPH_RECIPES = ["w8a8", "w4a16"]
+
+
+def qgraph_cli(*args: str) -> float:
+    """Run the qgraph CLI; returns wall seconds."""
+    exe = shutil.which("qgraph") or str(Path(sys.executable).parent / "qgraph")
+    t = time.perf_counter()
+    subprocess.run([exe, *args], check=True)
+    return time.perf_counter() - t
+
+
+def model_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx") or p.suffix == ".data")
+
+
+def block_linear_nodes(fp32_onnx: Path) -> list[str]:
+    import qgraph
+
+    captured = qgraph.load(fp32_onnx, progress=False)
+    from qgraph.ir.regions import find_linears
+
+    return [layer.node.name for layer in find_linears(captured.model) if layer.role == "block"]
+
+
+class CalibReader:
+    """onnxruntime.quantization CalibrationDataReader over qgraph's calibration windows."""
+
+    def __init__(self, windows: np.ndarray):
+        self.rows = iter(windows)
+
+    def get_next(self):
+        row = next(self.rows, None)
+        return None if row is None else {"input_ids": row[None, :]}
+
+
+def ort_peers(fp32_onnx: Path, out: Path, calib: np.ndarray, block_nodes: list[str]) -> dict[str, float]:
+    """Quantize with onnxruntime.quantization; returns {row name: wall seconds}."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn) -> None:
+        d = out / name
+        if (d / "model.onnx").exists():
+            times[name] = json.loads((d / "wall.json").read_text())["seconds"]
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        print(f"[compare] quantizing {name}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        fn(d / "model.onnx")
+        times[name] = time.perf_counter() - t
+        (d / "wall.json").write_text(json.dumps({"seconds": times[name]}))
+
+    timed("ort-dynamic-int8", lambda o: quantize_dynamic(
+        str(fp32_onnx), str(o), weight_type=QuantType.QInt8, use_external_data_format=True))
+    timed("ort-static-qdq-perchannel", lambda o: quantize_static(
+        str(fp32_onnx), str(o), CalibReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+        op_types_to_quantize=["MatMul"], calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True))
+    timed("ort-static-qdq-210-layers", lambda o: quantize_static(
+        str(fp32_onnx), str(o), CalibReader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
+        op_types_to_quantize=["MatMul"], nodes_to_quantize=block_nodes,
+        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True))
+    for block in (32, 128):
+        def nbits(o, block=block):
+            import onnx
+
+            q = MatMulNBitsQuantizer(onnx.load(str(fp32_onnx)), block_size=block, is_symmetric=True)
+            q.process()
+            q.model.save_model_to_file(str(o), use_external_data_format=True)
+
+        timed(f"ort-matmulnbits-b{block}", nbits)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/compare")
+    ap.add_argument("--runs", type=int, default=10, help="timed rounds per row (min and median reported)")
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true", help="re-quantize every row")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fp32_dir = out / "fp32"
+    if not (fp32_dir / "manifest.json").exists():
+        qgraph_cli("compile", "--recipe", "fp32", "-o", str(fp32_dir), "-q")
+    fp32_onnx = fp32_dir / "model.onnx"
+    tokenizer = load_tokenizer(fp32_dir)
+    eval_windows = evaluation_windows(tokenizer, windows=args.windows)
+    calib = calibration_windows(tokenizer).ids
+
+    rows: dict[str, dict] = {"qgraph fp32": {"dir": fp32_dir, "quant_s": 0.0}}
+    for recipe in QGRAPH_RECIPES:
+        d = out / f"qgraph-{recipe}"
+        wall = out / f"qgraph-{recipe}.wall.json"
+        if not (d / "manifest.json").exists() or not wall.exists():
+            print(f"[compare] qgraph compile --recipe {recipe}", file=sys.stderr, flush=True)
+            wall.write_text(json.dumps({"seconds": qgraph_cli("compile", str(fp32_onnx), "--recipe", recipe,
+                                                              "-o", str(d), "-q")}))
+        rows[f"qgraph {recipe}"] = {"dir": d, "quant_s": json.loads(wall.read_text())["seconds"]}
+    for name, seconds in ort_peers(fp32_onnx, out, calib, block_linear_nodes(fp32_onnx)).items():
+        rows[name] = {"dir": out / name, "quant_s": seconds}
+
+    sessions = {}
+    for name, row in rows.items():
+        sess = session_from_file(row["dir"] / "model.onnx", threads=args.threads)
+        inp = sess.get_inputs()[0].name
+        sessions[name] = (lambda ids, s=sess, i=inp: s.run(None, {i: ids})[0])
+        row["size_mb"] = model_bytes(row["dir"]) / 1e6
+
+    for name, fwd in sessions.items():
+        print(f"[compare] perplexity {name}", file=sys.stderr, flush=True)
+        rows[name]["ppl"] = perplexity(fwd, eval_windows, progress=False)["ppl"]
+
+    # Round-robin latency: each round times every row once (prefill) and 5 times (single token).
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 49152, size=(1, 512), dtype=np.int64)
+    one = prompt[:, :1]
+    pre = {n: [] for n in rows}
+    dec = {n: [] for n in rows}
+    for fwd in sessions.values():
+        time_forward(fwd, prompt, runs=1, warmup=1)
+        time_forward(fwd, one, runs=1, warmup=2)
+    for r in range(args.runs):
+        print(f"[compare] latency round {r + 1}/{args.runs}", file=sys.stderr, flush=True)
+        for name, fwd in sessions.items():
+            pre[name] += time_forward(fwd, prompt, runs=1, warmup=0)
+            dec[name] += time_forward(fwd, one, runs=5, warmup=0)
+    for name in rows:
+        rows[name].update(prefill_min=min(pre[name]), prefill_med=statistics.median(pre[name]),
+                          decode_min=min(dec[name]), decode_med=statistics.median(dec[name]))
+
+    base = rows["qgraph fp32"]
+    lines = [
+        f"Scoreboard: SmolLM2-135M, {eval_windows.count} x 512-token windows of britannica-11th.txt "
+        f"({eval_windows.scored_predictions} predictions), {args.threads} threads, {args.runs} round-robin rounds "
+        "(decode = one token, no KV cache).",
+        "",
+        "| row | ppl | size MB | prefill ms min / med | prefill x fp32 | decode ms min / med | decode x fp32 | quant wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['ppl']:.2f} | {r['size_mb']:.1f} | {r['prefill_min']:.0f} / {r['prefill_med']:.0f} | "
+            f"{base['prefill_min'] / r['prefill_min']:.2f} | {r['decode_min']:.1f} / {r['decode_med']:.1f} | "
+            f"{base['decode_min'] / r['decode_min']:.2f} | {r['quant_s']:.1f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    (out / "scoreboard.md").write_text(table + "\n")
+    (out / "scoreboard.json").write_text(json.dumps(
+        {n: {k: v for k, v in r.items() if k != "dir"} for n, r in rows.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
