@@ -90,3 +90,14 @@ def test_block_tail_is_handled():
     np.testing.assert_allclose(hi[4], w[512:].max(axis=0))
     err = np.abs(fake_quantize(w, spec) - w)
     assert err.max() < np.abs(w).max() / 7
+
+
+def test_uint8_zero_point_128_is_the_symmetric_int8_grid():
+    """The backend stores symmetric int8 activations as uint8 + 128: same scale, codes shifted by 128."""
+    x = np.random.default_rng(2).standard_normal(1000).astype(np.float32) * 3
+    i8, u8 = QuantSpec("int8", "tensor"), QuantSpec("uint8", "tensor")
+    s8, z8 = qparams_from_range(x.min(), x.max(), i8)
+    su, zu = qparams_from_range(x.min(), x.max(), u8)
+    assert float(s8) == float(su) and int(zu) == 128 and int(z8) == 0
+    np.testing.assert_array_equal(quantize(x, s8, z8, i8).astype(np.int16) + 128, quantize(x, su, zu, u8).astype(np.int16))
+    np.testing.assert_array_equal(dequantize(quantize(x, s8, z8, i8), s8, z8, i8), dequantize(quantize(x, su, zu, u8), su, zu, u8))
