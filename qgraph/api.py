@@ -125,8 +125,13 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     calib: CalibConfig | TokenWindows | None = None,
     *,
     progress: bool = True,
+    verify: bool = False,
 ) -> CompiledModel:
-    """Annotate the recipe's layers, calibrate static activations, lower to ONNX Runtime ops."""
+    """Annotate the recipe's layers, calibrate static activations, lower to ONNX Runtime ops.
+
+    verify=True runs the float graph before and after every function-preserving pass (random and
+    calibration tokens) and raises if its outputs move beyond float rounding.
+    """
     from qgraph.backends.onnx_qdq import LowerToOnnxPass
     from qgraph.passes.annotate import AnnotateLinearsPass
     from qgraph.passes.calibrate_ranges import CalibrateRangesPass
@@ -136,18 +141,28 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         raise QGraphError("this CapturedModel was loaded without export", "use qgraph.load(...) to capture it")
     graph_model = model.model.clone()  # passes work in place; the captured graph stays float
     passes: list[dict] = []
+    verified: list[dict] = []
 
     def run(p, name: str) -> None:
         t = time.perf_counter()
-        result = p(graph_model)
+        if verify and getattr(p, "function_preserving", False):
+            from qgraph.eval.verify import check_pass, verification_inputs
+
+            vocab = int(graph_model.graph.outputs[0].shape[-1]) if graph_model.graph.outputs[0].shape else 1000
+            real = calib.ids[:1, :128] if isinstance(calib, TokenWindows) else None
+            result, verdict = check_pass(p, graph_model, verification_inputs(vocab, real), name=name)
+            verified.append(verdict.to_dict())
+        else:
+            result = p(graph_model)
         passes.append({"pass": name, "modified": result.modified, "seconds": round(time.perf_counter() - t, 3),
                        **p.summary()})
 
     annotate = AnnotateLinearsPass(recipe)
     run(annotate, "annotate_linears")
     if recipe.needs_calibration and annotate.annotated:
-        windows = calib if isinstance(calib, TokenWindows) else calibration_windows_for(model, calib or CalibConfig())
-        run(CalibrateRangesPass(windows, progress=progress), "calibrate_ranges")
+        if not isinstance(calib, TokenWindows):
+            calib = calibration_windows_for(model, calib or CalibConfig())
+        run(CalibrateRangesPass(calib, progress=progress), "calibrate_ranges")
     lower = LowerToOnnxPass()
     t = time.perf_counter()
     lower(graph_model)
@@ -162,6 +177,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         "skipped_layers": annotate.skipped,
         "float_layers": annotate.left_float,
         "timings_s": {p["pass"]: p["seconds"] for p in passes},
+        "verified": verified if verify else None,
     }
     return CompiledModel(graph_model, model.tokenizer, model.source, recipe, layers, report)
 

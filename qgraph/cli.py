@@ -36,6 +36,7 @@ def compile_cmd(
     calib_text: str | None = typer.Option(None, "--calib-text", help="Calibration text file (default britannica)."),
     calib_windows: int = typer.Option(8, "--calib-windows", help="Number of calibration windows."),
     ctx: int = typer.Option(512, "--ctx", help="Tokens per calibration window."),
+    verify: bool = typer.Option(False, "--verify", help="Prove every function-preserving pass keeps the float outputs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
 ) -> None:
     """Capture MODEL, apply RECIPE and write an ONNX Runtime artifact directory."""
@@ -53,7 +54,7 @@ def compile_cmd(
         calib = qgraph.api.calibration_windows_for(captured, calib)
     captured = captured.exported(progress=progress)
     capture_s = time.perf_counter() - t0
-    compiled = qgraph.compile(captured, recipe=recipe_obj, calib=calib, progress=progress)
+    compiled = qgraph.compile(captured, recipe=recipe_obj, calib=calib, progress=progress, verify=verify)
     compiled.report["timings_s"]["capture"] = round(capture_s, 3)
     path = compiled.save(out, progress=progress)
     report = json.loads((path / "report.json").read_text())

@@ -168,6 +168,9 @@ def _load_transformers(
     is_causal = any(a.endswith("ForCausalLM") for a in archs) or config.model_type in (
         "llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gemma", "gemma2", "smollm3",
     )
+    # transformers' GGUF loader draws its own tqdm bars; qgraph shows one spinner instead.
+    tqdm_before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -184,6 +187,11 @@ def _load_transformers(
             f"unsupported model type {config.model_type!r} in {str(directory)!r}: {str(exc).splitlines()[0][:200]}",
             "qgraph captures transformers causal LMs and encoders",
         ) from None
+    finally:
+        if tqdm_before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_before
     module.eval()
     if hasattr(module.config, "use_cache"):
         module.config.use_cache = False
