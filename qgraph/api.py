@@ -157,11 +157,13 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         passes.append({"pass": name, "modified": result.modified, "seconds": round(time.perf_counter() - t, 3),
                        **p.summary()})
 
+    if recipe.needs_calibration and not isinstance(calib, TokenWindows):
+        calib = calibration_windows_for(model, calib or CalibConfig())
+    for name, options in recipe.passes:
+        run(_recipe_pass(name, options, recipe, calib, progress), name)
     annotate = AnnotateLinearsPass(recipe)
     run(annotate, "annotate_linears")
-    if recipe.needs_calibration and annotate.annotated:
-        if not isinstance(calib, TokenWindows):
-            calib = calibration_windows_for(model, calib or CalibConfig())
+    if recipe.needs_calibration and annotate.annotated and any(n.activation for n in annotate.annotated.values()):
         run(CalibrateRangesPass(calib, progress=progress), "calibrate_ranges")
     lower = LowerToOnnxPass()
     t = time.perf_counter()
@@ -180,6 +182,22 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         "verified": verified if verify else None,
     }
     return CompiledModel(graph_model, model.tokenizer, model.source, recipe, layers, report)
+
+
+def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows, progress: bool):
+    """Build a recipe's graph pass with the quantization specs it optimises for."""
+    from qgraph.passes.annotate import activation_spec, weight_spec
+
+    rules = recipe.blocks
+    w_spec = weight_spec(rules.weights) if rules and rules.weights else None
+    a_spec = activation_spec(rules.activations) if rules and rules.activations else None
+    if name == "smooth":
+        from qgraph.passes.smooth import DEFAULT_GRID, SmoothQuantPass
+
+        return SmoothQuantPass(windows, alpha=options.get("alpha", "search"), grid=tuple(options.get("grid", DEFAULT_GRID)),
+                               weight_spec=w_spec, activation_spec=a_spec,
+                               sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
+    raise QGraphError(f"recipe {recipe.name}: pass {name!r} is not available", "see qgraph.recipes.PASS_OPTIONS")
 
 
 def calibration_windows_for(model: CapturedModel, calib: CalibConfig) -> TokenWindows:

@@ -125,19 +125,23 @@ def inspect_cmd(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """List the graph's linear layers (with roles), norms and embeddings."""
+    """List the graph's linear layers (with roles), norms, embeddings, channel regions and rejected candidates."""
     import qgraph
-    from qgraph.ir.regions import find_embeddings, find_linears, find_norms
+    from qgraph.ir.regions import find_embeddings, find_linears, find_norms, find_regions
 
     captured = qgraph.load(model, progress=not as_json)
     linears = find_linears(captured.model)
     norms = find_norms(captured.model)
     embeds = find_embeddings(captured.model)
+    regions, rejected = find_regions(captured.model)
     info = {
         "linears": [{"name": l.name, "role": l.role, "in": l.in_features, "out": l.out_features,
                      "op": l.node.op_type, "tied": l.transposed and l.node.op_type == "MatMul"} for l in linears],
         "norms": [{"name": n.name, "kind": n.kind} for n in norms],
         "embeddings": [name for name, _ in embeds],
+        "regions": [{"name": r.name, "kind": r.kind, "channels": r.channels, "sources": [s.name for s in r.sources],
+                     "sinks": [s.name for s in r.sinks], "sharing": r.sharing} for r in regions],
+        "rejected": [{"candidate": r.candidate, "reason": r.reason} for r in rejected],
         "nodes": sum(1 for _ in captured.model.graph),
     }
     if as_json:
@@ -158,6 +162,18 @@ def inspect_cmd(
     for x in info["norms"]:
         n.add_row(x["name"], x["kind"])
     _out().print(n)
+    r = Table(title=f"channel regions ({len(regions)})")
+    for col in ("name", "kind", "channels", "sinks"):
+        r.add_column(col)
+    for x in info["regions"]:
+        r.add_row(x["name"], x["kind"], str(x["channels"]), str(len(x["sinks"])))
+    _out().print(r)
+    j = Table(title=f"rejected region candidates ({len(rejected)})")
+    j.add_column("candidate", overflow="fold")
+    j.add_column("reason")
+    for x in info["rejected"]:
+        j.add_row(x["candidate"], x["reason"])
+    _out().print(j)
     _out().print(f"embeddings: {', '.join(info['embeddings']) or 'none'}; {info['nodes']} nodes")
 
 

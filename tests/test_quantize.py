@@ -100,4 +100,6 @@ def test_uint8_zero_point_128_is_the_symmetric_int8_grid():
     su, zu = qparams_from_range(x.min(), x.max(), u8)
     assert float(s8) == float(su) and int(zu) == 128 and int(z8) == 0
     np.testing.assert_array_equal(quantize(x, s8, z8, i8).astype(np.int16) + 128, quantize(x, su, zu, u8).astype(np.int16))
-    np.testing.assert_array_equal(dequantize(quantize(x, s8, z8, i8), s8, z8, i8), dequantize(quantize(x, su, zu, u8), su, zu, u8))
+    np.testing.assert_array_equal(
+        dequantize(quantize(x, s8, z8, i8), s8, z8, i8), dequantize(quantize(x, su, zu, u8), su, zu, u8)
+    )

@@ -25,13 +25,16 @@ class ChannelStats:
     max: np.ndarray
     abs_sum: np.ndarray
     count: int = 0
+    samples: list[np.ndarray] = dataclasses.field(default_factory=list)  # token rows kept for searches
 
     @classmethod
     def empty(cls, channels: int) -> ChannelStats:
         return cls(np.full(channels, np.inf), np.full(channels, -np.inf), np.zeros(channels), 0)
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, sample_stride: int = 0) -> None:
         x2 = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        if sample_stride:
+            self.samples.append(x2[sample_stride // 2 :: sample_stride].copy())
         self.min = np.minimum(self.min, x2.min(axis=0))
         self.max = np.maximum(self.max, x2.max(axis=0))
         self.abs_sum += np.abs(x2).sum(axis=0, dtype=np.float64)
@@ -44,6 +47,13 @@ class ChannelStats:
     @property
     def abs_max(self) -> np.ndarray:
         return np.maximum(-self.min, self.max)
+
+    @property
+    def sample_rows(self) -> np.ndarray:
+        """The kept token rows, [n, channels] (empty when sampling was off)."""
+        if not self.samples:
+            return np.zeros((0, self.min.shape[0]), dtype=np.float32)
+        return np.concatenate(self.samples)
 
     @property
     def tensor_min(self) -> float:
@@ -61,8 +71,13 @@ def collect_stats(
     *,
     threads: int = 1,
     progress: bool = True,
+    sample_tokens: int = 0,
 ) -> dict[str, ChannelStats]:
-    """Per-channel statistics of the named values over the calibration windows."""
+    """Per-channel statistics of the named values over the calibration windows.
+
+    sample_tokens > 0 also keeps about that many evenly spaced token rows of each value, for
+    searches (smoothing strength, clipping) that need real activations, not just ranges.
+    """
     from qgraph.backends.onnx_qdq import session_from_model
 
     graph = model.graph
@@ -82,10 +97,11 @@ def collect_stats(
             graph.outputs.remove(v)
     input_name = session.get_inputs()[0].name
     stats: dict[str, ChannelStats] = {}
+    stride = max(1, windows.ids.size // sample_tokens) if sample_tokens else 0
     for row in track(windows.ids, "calibrating", total=windows.count, enabled=progress):
         outs = session.run(wanted, {input_name: row[None, :]})
         for name, arr in zip(wanted, outs, strict=True):
             if name not in stats:
                 stats[name] = ChannelStats.empty(arr.shape[-1])
-            stats[name].update(arr)
+            stats[name].update(arr, stride)
     return stats

@@ -177,3 +177,527 @@ def weight_array(layer: LinearLayer) -> np.ndarray:
     """The layer's weight as a float32 [in, out] array."""
     w = layer.weight.const_value.numpy().astype(np.float32)
     return w.T if layer.transposed else w
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel regions: sources -> channel-preserving path -> sinks (DESIGN.md section 3).
+#
+# A region is found by following one source's output channels forward. Along the path each
+# tensor carries an index array `idx` of the tensor's rank: idx[...] is the source channel held
+# at that position, with size 1 on every axis the channel does not depend on (batch, tokens,
+# the query heads that repeat one KV head). Data-movement ops (Reshape, Transpose, Unsqueeze,
+# Expand) move idx exactly like the tensor; a sink reads row j from source channel idx[j].
+# ---------------------------------------------------------------------------------------------
+
+SourceKind = Literal["rmsnorm", "layernorm", "linear", "mul", "gated_product"]
+RegionKind = Literal["norm->linears", "linear->linear", "up->down", "v->o", "mul->linears"]
+_Step = list[tuple[ir.Value, np.ndarray]]  # the outputs a path op passes the channels to, with their idx
+
+# Elementwise ops that may appear between a gate linear and the product Mul (SiLU, GELU, ...).
+_ACTIVATION_OPS = {
+    "Sigmoid", "Mul", "Add", "Sub", "Div", "Erf", "Tanh", "Gelu", "Relu", "Pow", "Softplus", "Exp", "Neg",
+    "HardSigmoid", "HardSwish", "Identity", "Cast",
+}
+_SYMBOL_SIZES = (7, 11, 13, 17, 19, 23, 29, 31)  # stand-ins for symbolic dims (seq...) when moving idx
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+    """An op whose output channels can absorb a transform (norm affine, linear columns, constant Mul)."""
+
+    kind: SourceKind
+    node: ir.Node  # the node whose output carries the channels (for a gated product: the up linear)
+    name: str
+    gamma: ir.Value | None = None  # norm scale / the constant per-channel factor of a Mul
+    beta: ir.Value | None = None  # LayerNorm bias
+    weight: ir.Value | None = None  # linear source: its constant weight ([in, out] unless linear.transposed)
+    bias: ir.Value | None = None  # linear source: constant bias added right after, if any
+    bias_node: ir.Node | None = None  # the Add (or the Gemm itself) that adds the bias
+    linear: LinearLayer | None = None  # kind linear, and the up-projection of a gated product
+    gate: LinearLayer | None = None  # kind gated_product: the gate linear (act(gate) * up)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Region:
+    """Sources whose output channels reach only constant-weight sinks through channel-preserving ops."""
+
+    name: str
+    kind: RegionKind
+    channels: int  # C, the size of the source channel axis
+    sources: list[Source]
+    path: list[ir.Node]  # channel-preserving ops between the sources and the sinks
+    sinks: list[LinearLayer]
+    sink_index: np.ndarray  # int64 [sink in_features]: the source channel each sink input row reads
+    sharing: int = 1  # v->o: query heads per KV head (GQA n_rep); 1 otherwise
+    # Per-channel constants of the sources (gamma, beta, bias) that nodes outside the region also
+    # read (the exporter deduplicates equal initializers, e.g. all-ones gammas): call unshare()
+    # before changing them in place.
+    shared: list[ir.Value] = dataclasses.field(default_factory=list)
+
+    @property
+    def diagonal_only(self) -> bool:
+        """True when the path commutes with positive diagonal scales only (a gated product, ReLU), not rotations."""
+        return self.kind == "up->down" or any(n.op_type == "Relu" for n in self.path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rejection:
+    """A would-be source that is not a region, and why."""
+
+    candidate: str
+    reason: str
+
+
+class _Reject(Exception):
+    """Raised while following a candidate's channels; the message is the rejection reason."""
+
+
+@dataclasses.dataclass
+class _Context:
+    """Graph facts shared by every candidate's walk."""
+
+    linears: dict[int, LinearLayer]  # id(node) -> layer
+    linear_outputs: dict[int, LinearLayer]  # id(value) -> layer, for the linear output and its bias Add
+    symbols: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Walk:
+    """What following one source's channels found."""
+
+    path: list[ir.Node] = dataclasses.field(default_factory=list)
+    sinks: list[tuple[LinearLayer, np.ndarray]] = dataclasses.field(default_factory=list)
+    gates: list[LinearLayer] = dataclasses.field(default_factory=list)
+    attention: bool = False  # passed Softmax(..) x V as the V operand
+
+
+def find_regions(model: ir.Model) -> tuple[list[Region], list[Rejection]]:
+    """Every channel region of the graph, and every candidate source that is not one (with a reason).
+
+    Candidates, in graph order: norms (RMSNorm's Mul(gamma), LayerNormalization), constant-weight
+    linears (with a bias Add right after, if any), and Muls by a constant per-channel vector.
+    """
+    graph = model.graph
+    layers = find_linears(model)
+    ctx = _Context({id(l.node): l for l in layers}, {})
+    for layer in layers:  # a gate is recognised by its output, with or without the bias Add
+        ctx.linear_outputs[id(layer.node.outputs[0])] = layer
+        ctx.linear_outputs[id(_bias_after(layer)[0])] = layer
+    norms = find_norms(model)
+    norm_names = [n.name for n in norms]
+    norms_by_node = {id(n.output_node): n for n in norms}
+    regions: list[Region] = []
+    rejections: dict[str, Rejection] = {}
+    for node in graph:
+        candidate = _candidate(node, ctx, norms_by_node, norm_names)
+        if candidate is None:
+            continue
+        name, build = candidate
+        try:
+            regions.append(build(name))
+        except _Reject as exc:
+            rejections.setdefault(name, Rejection(name, str(exc)))
+    return regions, list(rejections.values())
+
+
+def _candidate(node: ir.Node, ctx: _Context, norms_by_node: dict[int, Norm], norm_names: list[str]):
+    """(name, builder) when the node is a would-be source, else None."""
+    norm = norms_by_node.get(id(node))
+    if norm is not None:
+        # Equal gammas may be one deduplicated initializer: then the gamma name does not say which norm.
+        name = norm.name if norm_names.count(norm.name) == 1 else f"{norm.kind} {node.name}"
+        return name, lambda n: _norm_region(norm, n, ctx)
+    layer = ctx.linears.get(id(node))
+    if layer is not None:
+        return layer.name, lambda n: _linear_region(layer, n, ctx)
+    if node.op_type == "Mul" and _channel_factor(node) is not None:
+        return node.name, lambda n: _mul_region(node, n, ctx)
+    return None
+
+
+# ---- the three source kinds ---------------------------------------------------------------
+
+
+def _norm_region(norm: Norm, name: str, ctx: _Context) -> Region:
+    node = norm.output_node
+    if norm.kind == "layernorm" and node.attributes.get_int("axis", -1) not in (-1, _rank(node.inputs[0]) - 1):
+        raise _Reject("LayerNormalization does not normalise over the last (channel) axis")
+    if norm.gamma is None or norm.gamma.const_value is None:
+        raise _Reject("the norm has no constant scale (gamma) to absorb the transform")
+    if norm.beta is not None and norm.beta.const_value is None:
+        raise _Reject(f"the norm bias {norm.beta.name} is not constant")
+    channels = int(norm.gamma.shape[-1])
+    walk = _follow(node.outputs[0], channels, ctx, "the norm output")
+    source = Source(norm.kind, node, name, gamma=norm.gamma, beta=norm.beta)
+    shared = [v for v in (norm.gamma, norm.beta) if v is not None and _other_readers(v, {id(node)})]
+    return _region(name, "norm->linears", channels, source, walk, shared)
+
+
+def _linear_region(layer: LinearLayer, name: str, ctx: _Context) -> Region:
+    out, bias, bias_node = _bias_after(layer)
+    if bias is not None and (bias.const_value is None or not _is_channel_vector(bias, layer.out_features)):
+        raise _Reject(f"bias {bias.name} is not a constant per-channel vector")
+    walk = _follow(out, layer.out_features, ctx, "the output")
+    tied = _other_readers(layer.weight, _own_weight_readers(layer))
+    if tied:
+        raise _Reject(f"weight {layer.weight.name} is shared with node {tied[0].name} ({tied[0].op_type}) (tied): clone it first")
+    if len(walk.gates) > 1:
+        raise _Reject("the output is multiplied by more than one gate")
+    gated = bool(walk.gates)
+    kind: RegionKind = "up->down" if gated else "v->o" if walk.attention else "linear->linear"
+    source = Source(
+        "gated_product" if gated else "linear", layer.node, name, weight=layer.weight, bias=bias,
+        bias_node=bias_node, linear=layer, gate=walk.gates[0] if gated else None,
+    )
+    shared = [bias] if bias is not None and _other_readers(bias, {id(bias_node)}) else []
+    return _region(name, kind, layer.out_features, source, walk, shared)
+
+
+def _mul_region(node: ir.Node, name: str, ctx: _Context) -> Region:
+    factor = _channel_factor(node)
+    channels = int(factor.shape[-1])
+    walk = _follow(node.outputs[0], channels, ctx, "the output")
+    shared = [factor] if _other_readers(factor, {id(node)}) else []
+    return _region(name, "mul->linears", channels, Source("mul", node, name, gamma=factor), walk, shared)
+
+
+def _region(name: str, kind: RegionKind, channels: int, source: Source, walk: _Walk, shared: list[ir.Value]) -> Region:
+    if not walk.sinks:
+        raise _Reject("no constant-weight linear reads the channels")
+    sink_index = walk.sinks[0][1]
+    if any(not np.array_equal(idx, sink_index) for _, idx in walk.sinks[1:]):
+        raise _Reject("the sinks read the channels in different orders")
+    reads = np.bincount(sink_index, minlength=channels)
+    sharing = int(reads[0]) if kind == "v->o" and np.all(reads == reads[0]) else 1
+    sinks = [layer for layer, _ in walk.sinks]
+    return Region(_region_name(name, sinks), kind, channels, [source], walk.path, sinks, sink_index, sharing, shared)
+
+
+def _region_name(source: str, sinks: list[LinearLayer]) -> str:
+    """'model.layers.0.input_layernorm -> q_proj,k_proj,v_proj': sink names without the parts the reader knows."""
+    names = [s.name for s in sinks]
+    layer = _common_prefix([source, *names])  # e.g. 'model.layers.0.'
+    if not layer:  # the source name says nothing about the layer: spell out the first sink
+        return f"{source} -> {names[0]}" + "".join("," + n[len(_common_prefix(names)):] for n in names[1:])
+    group = _common_prefix(names) if len(names) > 1 else layer  # e.g. 'model.layers.0.self_attn.'
+    return f"{source} -> {','.join(n[len(group):] for n in names)}"
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix ('a.b.') shared by all names, never a whole name."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for column in zip(*parts, strict=False):  # stops at the shortest name
+        if len(set(column)) > 1:
+            break
+        common.append(column[0])
+    return "".join(c + "." for c in common)
+
+
+def _bias_after(layer: LinearLayer) -> tuple[ir.Value, ir.Value | None, ir.Node | None]:
+    """(output carrying the channels, constant bias, node adding it): Gemm's C or a lone Add right after."""
+    node = layer.node
+    if node.op_type == "Gemm" and len(node.inputs) > 2 and node.inputs[2] is not None:
+        return node.outputs[0], node.inputs[2], node
+    uses = list(node.outputs[0].uses())
+    if len(uses) == 1 and uses[0].node.op_type == "Add":
+        add = uses[0].node
+        other = add.inputs[1 - uses[0].idx]
+        if other is not None and other.const_value is not None and _is_channel_vector(other, layer.out_features):
+            return add.outputs[0], other, add
+    return node.outputs[0], None, None
+
+
+def _channel_factor(node: ir.Node) -> ir.Value | None:
+    """The constant per-channel vector of Mul(x, c) with c of shape [..1, C], C > 1."""
+    for value in node.inputs:
+        dims = list(value.shape or ()) if value is not None and value.const_value is not None else []
+        if dims and isinstance(dims[-1], int) and dims[-1] > 1 and _is_channel_vector(value, dims[-1]):
+            return value
+    return None
+
+
+def _is_channel_vector(value: ir.Value, channels: int) -> bool:
+    dims = list(value.shape or ())
+    return bool(dims) and dims[-1] == channels and all(d == 1 for d in dims[:-1])
+
+
+def _own_weight_readers(layer: LinearLayer) -> set[int]:
+    """The linear node itself, plus the Transpose it reads a tied weight through."""
+    own = {id(layer.node)}
+    t = layer.node.inputs[1].producer()
+    if t is not None and t.op_type == "Transpose":
+        own.add(id(t))
+    return own
+
+
+def _other_readers(value: ir.Value, own: set[int]) -> list[ir.Node]:
+    return [n for n, _ in value.uses() if id(n) not in own]
+
+
+def unshare(graph: ir.Graph, region: Region) -> Region:
+    """Give the region's sources private copies of their shared per-channel constants; returns the updated region.
+
+    A pass calls this before changing gamma, beta or a bias in place, so nodes outside the region
+    (other norms reading a deduplicated all-ones gamma, say) keep their values.
+    """
+    copies: dict[int, ir.Value] = {}
+    for value in region.shared:
+        array = value.const_value.numpy().copy()
+        name = _fresh_name(graph, value.name)
+        copy = ir.Value(name=name, shape=ir.Shape(array.shape), type=value.type, const_value=ir.tensor(array, name=name))
+        graph.register_initializer(copy)
+        copies[id(value)] = copy
+    sources = []
+    for source in region.sources:
+        for node in {id(n): n for n in (source.node, source.bias_node) if n is not None}.values():
+            for i, value in enumerate(node.inputs):
+                if value is not None and id(value) in copies:
+                    node.replace_input_with(i, copies[id(value)])
+        fields = {f: getattr(source, f) for f in ("gamma", "beta", "bias")}
+        sources.append(dataclasses.replace(source, **{f: copies[id(v)] for f, v in fields.items() if id(v) in copies}))
+    return dataclasses.replace(region, sources=sources, shared=[])
+
+
+def _fresh_name(graph: ir.Graph, base: str) -> str:
+    k = 1
+    while f"{base}.{k}" in graph.initializers:
+        k += 1
+    return f"{base}.{k}"
+
+
+# ---- following the channels -----------------------------------------------------------------
+
+
+def _follow(start: ir.Value, channels: int, ctx: _Context, what: str) -> _Walk:
+    """Walk every use of the source channels until constant-weight sinks; raise _Reject on anything else."""
+    rank = _rank(start)
+    if rank < 1 or start.shape[-1] != channels:
+        raise _Reject(f"{start.name} has no channel axis of size {channels} last")
+    walk = _Walk()
+    queue = [(start, np.arange(channels, dtype=np.int64).reshape((1,) * (rank - 1) + (channels,)))]
+    seen = {id(start)}
+    while queue:
+        value, idx = queue.pop(0)  # breadth first: the path lists ops in graph order
+        if value.is_graph_output():
+            raise _Reject(f"{what} reaches the graph output {value.name}")
+        uses = {n.op_type for n, _ in value.uses()}
+        if {"Slice", "Mul"} <= uses:  # say why, rather than naming whichever op comes first
+            raise _Reject(f"{value.name} enters a rotary embedding: rotate_half (Slice/Neg/Concat) mixes channel pairs")
+        for node, index in list(value.uses()):
+            for out, out_idx in _through(node, index, value, idx, start, walk, ctx, what):
+                if id(out) not in seen:
+                    seen.add(id(out))
+                    queue.append((out, _canonical(out_idx)))
+    return walk
+
+
+def _through(
+    node: ir.Node, index: int, value: ir.Value, idx: np.ndarray, start: ir.Value, walk: _Walk, ctx: _Context, what: str
+) -> _Step:
+    """Follow one use: a sink (returns []), a path op (returns its output with idx moved), or _Reject."""
+    op, name = node.op_type, f"{node.name} ({node.op_type})"
+    layer = ctx.linears.get(id(node))
+    if layer is not None and index == 0:
+        walk.sinks.append((layer, _sink_index(layer, idx)))
+        return []
+    if op in ("MatMul", "Gemm"):
+        return _through_matmul(node, index, idx, start, walk, name)
+    moved = _move(node, value, idx, ctx, name)
+    if moved is not None:
+        walk.path.append(node)
+        return [(node.outputs[0], moved)]
+    if op == "Mul":
+        return _through_product(node, index, idx, start, walk, ctx, name)
+    if op == "Div" and index == 0 and _is_scalar(node.inputs[1]):
+        walk.path.append(node)
+        return [(node.outputs[0], _to_rank(idx, _rank(node.outputs[0])))]
+    if op in ("Add", "Sub"):
+        other = node.inputs[1 - index]
+        if other is not None and other.const_value is not None:
+            raise _Reject(f"consumer {name} adds constant {other.name} on the path (not a bias the source owns)")
+        stream = "the norm output is the residual stream (post-norm)" if what == "the norm output" else (
+            "it joins the residual stream")
+        raise _Reject(f"consumer {name} is not a sink: {stream}")
+    if op == "Relu":  # commutes with positive diagonal scales only; passes decide by region kind
+        walk.path.append(node)
+        return [(node.outputs[0], idx)]
+    raise _Reject(f"unknown/non-commuting op {name} on the path")
+
+
+def _sink_index(layer: LinearLayer, idx: np.ndarray) -> np.ndarray:
+    """The source channel read by each input row of a sink; the channels must vary along the last axis only."""
+    idx = _canonical(idx)
+    if any(d != 1 for d in idx.shape[:-1]) or idx.shape[-1] != layer.in_features:
+        raise _Reject(f"sink {layer.name} reads the channels across several axes")
+    if layer.node.op_type == "Gemm" and layer.node.attributes.get_int("transA", 0):
+        raise _Reject(f"sink {layer.name} is a Gemm with transA=1")
+    readers = _other_readers(layer.weight, _own_weight_readers(layer))
+    gathers = [n for n in readers if n.op_type == "Gather"]
+    if gathers:
+        raise _Reject(f"sink {layer.name} weight {layer.weight.name} is tied to the embedding table "
+                      f"(read by Gather {gathers[0].name}): clone it first")
+    if readers:
+        raise _Reject(f"sink {layer.name} weight {layer.weight.name} is shared with node {readers[0].name} "
+                      f"({readers[0].op_type}) (tied): clone it first")
+    return idx.reshape(-1).astype(np.int64)
+
+
+def _through_matmul(node: ir.Node, index: int, idx: np.ndarray, start: ir.Value, walk: _Walk, name: str) -> _Step:
+    """Activation x activation MatMul: the channels may only be the V operand of Softmax(..) x V."""
+    if index != 1 or node.op_type == "Gemm":
+        weight = node.inputs[1]
+        raise _Reject(f"consumer {name} is not a sink: non-constant weight {weight.name} (activation x activation)")
+    if idx.ndim < 2 or idx.shape[-2] != 1:
+        raise _Reject(f"consumer {name} contracts the channel axis with another activation (attention scores)")
+    if _depends_on(node.inputs[0], start):
+        raise _Reject(f"consumer {name} multiplies the channels with a tensor computed from them")
+    walk.path.append(node)
+    walk.attention = True
+    return [(node.outputs[0], _to_rank(idx, _rank(node.outputs[0])))]
+
+
+def _through_product(
+    node: ir.Node, index: int, idx: np.ndarray, start: ir.Value, walk: _Walk, ctx: _Context, name: str
+) -> _Step:
+    """Mul by a scalar constant, or the gated product act(gate) * up (linear in up: diagonal scales commute)."""
+    other = node.inputs[1 - index]
+    if other is not None and other.const_value is not None:
+        if not _is_scalar(other):
+            raise _Reject(f"consumer {name} multiplies by constant {other.name} that is not a scalar")
+        walk.path.append(node)
+        return [(node.outputs[0], _to_rank(idx, _rank(node.outputs[0])))]
+    gate = _gate_of(other, ctx)
+    if gate is None:
+        raise _Reject(f"consumer {name} multiplies by {other.name}, which is not a gate activation of a linear")
+    if _depends_on(other, start):
+        raise _Reject(f"consumer {name} multiplies the channels with a tensor computed from them")
+    walk.gates.append(gate)
+    walk.path.append(node)
+    return [(node.outputs[0], _to_rank(idx, _rank(node.outputs[0])))]
+
+
+def _is_scalar(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.const_value.size == 1
+
+
+def _gate_of(value: ir.Value, ctx: _Context, limit: int = 32) -> LinearLayer | None:
+    """The one linear whose output `value` is an elementwise activation of (silu: g * Sigmoid(g)), else None."""
+    leaves, stack, seen = set(), [value], set()
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if id(v) in seen or v.const_value is not None:
+            continue
+        seen.add(id(v))
+        if id(v) in ctx.linear_outputs:
+            leaves.add(id(v))
+            continue
+        producer = v.producer()
+        if producer is None or producer.op_type not in _ACTIVATION_OPS:
+            return None
+        stack.extend(i for i in producer.inputs if i is not None)
+    return ctx.linear_outputs[next(iter(leaves))] if len(leaves) == 1 and not stack else None
+
+
+def _depends_on(value: ir.Value, target: ir.Value) -> bool:
+    """True when `target` is an ancestor of `value` (or value itself)."""
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if v is target:
+            return True
+        if id(v) in seen or v.producer() is None:
+            continue
+        seen.add(id(v))
+        stack.extend(i for i in v.producer().inputs if i is not None)
+    return False
+
+
+# ---- moving the channel index through data-movement ops ------------------------------------
+
+
+def _move(node: ir.Node, value: ir.Value, idx: np.ndarray, ctx: _Context, name: str) -> np.ndarray | None:
+    """idx after Transpose/Reshape/Unsqueeze/Squeeze/Expand/Identity, or None for any other op."""
+    op = node.op_type
+    if op == "Identity" or (op == "Dropout" and len(node.outputs) == 1):
+        return idx
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        return idx.transpose(list(perm) if perm is not None else None)
+    if op == "Unsqueeze":
+        axes = sorted(a % (idx.ndim + len(_axes(node))) for a in _axes(node))
+        for a in axes:
+            idx = np.expand_dims(idx, a)
+        return idx
+    if op == "Squeeze":
+        return _squeeze(node, value, idx, ctx, name)
+    if op == "Expand":  # broadcasting never widens the channel axes (they are > 1), it may add leading axes
+        return _to_rank(idx, _rank(node.outputs[0]))
+    if op == "Reshape":
+        return _reshape(node, value, idx, ctx, name)
+    return None
+
+
+def _reshape(node: ir.Node, value: ir.Value, idx: np.ndarray, ctx: _Context, name: str) -> np.ndarray:
+    """Materialise idx at the input's concrete shape (symbolic dims -> stand-in sizes) and reshape it."""
+    dims = _concrete_dims(value, ctx, name)
+    target = node.inputs[1].const_value
+    if target is not None:
+        shape = [int(d) for d in target.numpy().reshape(-1)]
+        if not node.attributes.get_int("allowzero", 0):
+            shape = [dims[i] if d == 0 else d for i, d in enumerate(shape)]
+    else:
+        shape = _concrete_dims(node.outputs[0], ctx, name)
+    try:
+        return np.broadcast_to(idx, dims).reshape(shape)
+    except ValueError:
+        raise _Reject(f"cannot follow the channel axis through {name}") from None
+
+
+def _squeeze(node: ir.Node, value: ir.Value, idx: np.ndarray, ctx: _Context, name: str) -> np.ndarray:
+    axes = _axes(node)
+    if not axes:
+        axes = [i for i, d in enumerate(_concrete_dims(value, ctx, name)) if d == 1]
+    return idx.squeeze(tuple(a % idx.ndim for a in axes))
+
+
+def _axes(node: ir.Node) -> list[int]:
+    if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
+        return [int(a) for a in node.inputs[1].const_value.numpy().reshape(-1)]
+    return list(node.attributes.get_ints("axes", []))
+
+
+def _concrete_dims(value: ir.Value, ctx: _Context, name: str) -> list[int]:
+    """The value's dims with each named symbolic dim replaced by one stand-in size (the same per name)."""
+    if value.shape is None:
+        raise _Reject(f"unknown shape of {value.name} at {name}")
+    dims = []
+    for d in value.shape:
+        if isinstance(d, int):
+            dims.append(d)
+        elif d.value is None:
+            raise _Reject(f"unknown shape of {value.name} at {name}")
+        else:
+            dims.append(ctx.symbols.setdefault(d.value, _SYMBOL_SIZES[len(ctx.symbols) % len(_SYMBOL_SIZES)]))
+    return dims
+
+
+def _canonical(idx: np.ndarray) -> np.ndarray:
+    """Shrink every axis along which the channel does not change to size 1."""
+    for axis in range(idx.ndim):
+        if idx.shape[axis] > 1:
+            first = np.take(idx, [0], axis=axis)
+            if np.array_equal(np.broadcast_to(first, idx.shape), idx):
+                idx = first
+    return idx
+
+
+def _to_rank(idx: np.ndarray, rank: int) -> np.ndarray:
+    """Broadcasting to a higher rank adds leading axes."""
+    return idx.reshape((1,) * (rank - idx.ndim) + idx.shape) if rank > idx.ndim else idx
+
+
+def _rank(value: ir.Value) -> int:
+    if value.shape is None:
+        raise _Reject(f"unknown rank of {value.name}")
+    return len(value.shape)

@@ -39,3 +39,49 @@ def input_index(node: ir.Node, value: ir.Value) -> int:
         if v is value:
             return i
     raise ValueError(f"{value.name} is not an input of {node.name}")
+
+
+def set_linear_weight(graph: ir.Graph, layer, w: np.ndarray) -> None:
+    """Give a linear layer the logical [in, out] weight w, in the storage layout its node reads."""
+    node = layer.node
+    if node.op_type == "Gemm" and layer.transposed:
+        layer.weight = set_constant_input(graph, node, 1, w.T)
+    elif node.inputs[1].const_value is not None:
+        layer.weight = set_constant_input(graph, node, 1, w)
+    else:  # MatMul(x, Transpose(table)): a tied weight; this layer gets its own untied copy
+        name = _unique_name(graph, f"{layer.name}.weight_untied")
+        new = ir.Value(name=name, shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                       const_value=ir.tensor(np.ascontiguousarray(w, dtype=np.float32), name=name))
+        graph.register_initializer(new)
+        node.replace_input_with(1, new)
+        layer.weight, layer.transposed = new, False
+
+
+def scale_region(graph: ir.Graph, region, s: np.ndarray) -> None:
+    """Divide the region's channels by s at its sources and multiply the sinks' rows by s (exact in float).
+
+    Source channel c leaves the sources as X_c / s_c; sink input row r reads source channel
+    region.sink_index[r], so its weight row is multiplied by s[sink_index[r]].
+    """
+    from qgraph.ir.regions import weight_array
+
+    s = np.asarray(s, dtype=np.float64)
+    inv = 1.0 / s
+    for src in region.sources:
+        if src.kind in ("rmsnorm", "mul", "layernorm"):
+            gamma = src.gamma.const_value.numpy().astype(np.float64)
+            set_constant_input(graph, src.node, input_index(src.node, src.gamma), gamma * inv)
+            if src.beta is not None:
+                beta = src.beta.const_value.numpy().astype(np.float64)
+                set_constant_input(graph, src.node, input_index(src.node, src.beta), beta * inv)
+        elif src.kind in ("linear", "gated_product"):
+            layer = src.linear  # the up-projection for a gated product: silu(g) * (x W_up) is linear in it
+            set_linear_weight(graph, layer, weight_array(layer).astype(np.float64) * inv[None, :])
+            if src.bias is not None:
+                b = src.bias.const_value.numpy().astype(np.float64)
+                set_constant_input(graph, src.bias_node, input_index(src.bias_node, src.bias), b * inv)
+        else:
+            raise ValueError(f"region {region.name}: cannot scale a source of kind {src.kind}")
+    rows = s[region.sink_index]
+    for sink in region.sinks:
+        set_linear_weight(graph, sink, weight_array(sink).astype(np.float64) * rows[:, None])

@@ -12,7 +12,11 @@ from qgraph.errors import QGraphError
 
 RECIPE_DIR = Path(__file__).parent
 
-_TOP_KEYS = {"name", "description", "layers", "weights", "activations", "lm_head", "embedding", "lowering"}
+_TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations", "lm_head", "embedding", "lowering"}
+# Graph passes a recipe may run before annotation, with the options each accepts.
+PASS_OPTIONS: dict[str, set[str]] = {
+    "smooth": {"alpha", "grid", "sample_tokens"},
+}
 _LAYER_KEYS = {"select", "skip"}
 _WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric"}
 _ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer"}
@@ -51,6 +55,7 @@ class Recipe:
     embedding: str = "float"
     select: str = "block-linears"
     skip: tuple[str, ...] = ()
+    passes: tuple[tuple[str, dict], ...] = ()
     source: str = ""
 
     @property
@@ -60,7 +65,7 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         rules = [r for r in (self.blocks, self.lm_head) if r is not None]
-        return any(r.activations is not None and r.activations.static for r in rules)
+        return bool(self.passes) or any(r.activations is not None and r.activations.static for r in rules)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,6 +141,30 @@ def _layer_rule(d: Any, where: str, origin: str) -> LayerRule | None:
     return rule
 
 
+def _passes(items: Any, origin: str) -> tuple[tuple[str, dict], ...]:
+    if items in (None, []):
+        return ()
+    if not isinstance(items, list):
+        raise QGraphError(f"recipe {origin}: passes must be a list", "write `passes:` then `- smooth: {alpha: search}` lines")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            name, options = item, {}
+        elif isinstance(item, dict) and len(item) == 1:
+            name, options = next(iter(item.items()))
+        else:
+            name, options = None, None
+        if name not in PASS_OPTIONS:
+            import difflib
+
+            near = difflib.get_close_matches(str(name), PASS_OPTIONS, n=1)
+            raise QGraphError(f"recipe {origin}: unknown pass {name!r} in passes",
+                              (f"did you mean {near[0]!r}? " if near else "") + f"known passes: {', '.join(PASS_OPTIONS)}")
+        options = _check_keys(options or {}, PASS_OPTIONS[name], f"passes.{name}", origin)
+        out.append((name, dict(options)))
+    return tuple(out)
+
+
 def parse_recipe(data: Any, origin: str) -> Recipe:
     """Validate a recipe mapping; every mistake names the key and the fix."""
     d = _check_keys(data, _TOP_KEYS, "the top level", origin)
@@ -157,6 +186,7 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
         embedding=embedding,
         select=select,
         skip=tuple(layers.get("skip", []) or []),
+        passes=_passes(d.get("passes"), origin),
         source=origin,
     )
 
