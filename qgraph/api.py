@@ -77,8 +77,11 @@ class CompiledModel:
             "created_by": f"qgraph {_version()}",
         }
 
-    def save(self, out_dir: str | Path, *, progress: bool = True) -> Path:
-        """Write the artifact directory atomically: model.onnx (+ .data), tokenizer, manifest, report."""
+    def save(self, out_dir: str | Path, *, progress: bool = True, report_files: bool = False) -> Path:
+        """Write the artifact directory atomically: model.onnx (+ .data), tokenizer, manifest, report.
+
+        report_files=True also writes report.md and sqnr.png (per-layer SQNR plot).
+        """
         from qgraph.backends.onnx_qdq import save_model
         from qgraph.progress import status
 
@@ -96,6 +99,15 @@ class CompiledModel:
                 "artifact_dir": dir_size(tmp),
             }
             write_json(tmp / REPORT, report)
+            if report_files:
+                from qgraph.eval.sqnr import plot_sqnr, write_report_md
+
+                sqnr = report.get("layer_sqnr_db") or {}
+                plot = None
+                if sqnr:
+                    plot = "sqnr.png"
+                    plot_sqnr(tmp / plot, sqnr, f"{self.recipe.name}: per-layer SQNR")
+                write_report_md(tmp / "report.md", report, sqnr, plot)
 
         return write_atomically(out_dir, fill)
 
@@ -171,7 +183,9 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     passes.append({"pass": "lower_onnx", "modified": bool(lower.lowered), "seconds": round(time.perf_counter() - t, 3),
                    "lowered": len(lower.lowered),
                    "ops": {k: sum(1 for x in lower.lowered.values() if x == k) for k in set(lower.lowered.values())}})
-    layers = [{"name": name, **note.describe()} for name, note in annotate.annotated.items()]
+    sqnr = _layer_sqnr(model, graph_model, list(annotate.annotated), calib, progress) if annotate.annotated else {}
+    layers = [{"name": name, **note.describe(), **({"sqnr_db": round(sqnr[name], 2)} if name in sqnr else {})}
+              for name, note in annotate.annotated.items()]
     report = {
         "recipe": recipe.name,
         "passes": passes,
@@ -180,8 +194,22 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         "float_layers": annotate.left_float,
         "timings_s": {p["pass"]: p["seconds"] for p in passes},
         "verified": verified if verify else None,
+        "layer_sqnr_db": {n: round(v, 3) for n, v in sqnr.items()},
     }
     return CompiledModel(graph_model, model.tokenizer, model.source, recipe, layers, report)
+
+
+def _layer_sqnr(model: CapturedModel, lowered, layers: list[str], calib, progress: bool) -> dict[str, float]:
+    """Per-layer SQNR on two calibration windows; empty when the model has no tokenizer/text."""
+    from qgraph.eval.sqnr import layer_sqnr
+    from qgraph.progress import status
+
+    try:
+        windows = calib if isinstance(calib, TokenWindows) else calibration_windows_for(model, calib or CalibConfig())
+    except QGraphError:
+        return {}
+    with status("measuring per-layer SQNR", enabled=progress):
+        return layer_sqnr(model.model, lowered, layers, windows)
 
 
 def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows, progress: bool):

@@ -37,6 +37,7 @@ def compile_cmd(
     calib_windows: int = typer.Option(8, "--calib-windows", help="Number of calibration windows."),
     ctx: int = typer.Option(512, "--ctx", help="Tokens per calibration window."),
     verify: bool = typer.Option(False, "--verify", help="Prove every function-preserving pass keeps the float outputs."),
+    report: bool = typer.Option(False, "--report", help="Also write report.md and sqnr.png (per-layer SQNR)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
 ) -> None:
     """Capture MODEL, apply RECIPE and write an ONNX Runtime artifact directory."""
@@ -56,7 +57,7 @@ def compile_cmd(
     capture_s = time.perf_counter() - t0
     compiled = qgraph.compile(captured, recipe=recipe_obj, calib=calib, progress=progress, verify=verify)
     compiled.report["timings_s"]["capture"] = round(capture_s, 3)
-    path = compiled.save(out, progress=progress)
+    path = compiled.save(out, progress=progress, report_files=report)
     report = json.loads((path / "report.json").read_text())
     report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     (path / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -65,13 +66,15 @@ def compile_cmd(
     from rich.table import Table
 
     table = Table(title=f"qgraph compile -> {path}", show_header=True)
-    for col in ("recipe", "quantized layers", "float layers", "model size", "wall time"):
+    sqnr = report.get("layer_sqnr_db") or {}
+    for col in ("recipe", "quantized layers", "float layers", "model size", "worst layer SQNR", "wall time"):
         table.add_column(col)
     table.add_row(
         recipe_obj.name,
         str(report["quantized_layers"]),
         str(len(report["float_layers"]) + len(report["skipped_layers"])),
         f"{report['sizes_bytes']['model_files'] / 1e6:.1f} MB",
+        (lambda n: f"{sqnr[n]:.1f} dB ({n})")(min(sqnr, key=sqnr.get)) if sqnr else "-",
         f"{report['timings_s']['total']:.1f} s",
     )
     _out().print(table)

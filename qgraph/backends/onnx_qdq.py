@@ -223,6 +223,23 @@ def session_from_model(model: ir.Model, threads: int = 2, optimize: bool = True)
     )
 
 
+def session_with_outputs(model: ir.Model, value_names: list[str], threads: int = 1, optimize: bool = False):
+    """A session whose outputs are the named intermediate values (the graph is left as it was)."""
+    graph = model.graph
+    by_name = {v.name: v for node in graph for v in node.outputs}
+    by_name.update({v.name: v for v in graph.inputs})
+    missing = [n for n in value_names if n not in by_name]
+    if missing:
+        raise QGraphError(f"values not in the graph: {missing[:5]}", "check the value names (qgraph inspect lists layers)")
+    added = [by_name[n] for n in dict.fromkeys(value_names) if by_name[n] not in graph.outputs]
+    graph.outputs.extend(added)
+    try:
+        return session_from_model(model, threads=threads, optimize=optimize)
+    finally:
+        for v in added:
+            graph.outputs.remove(v)
+
+
 def session_from_file(path: str | Path, threads: int = 2, optimize: bool = True, optimized_path: str | None = None):
     """An ORT CPU session on a saved model file (external data beside it)."""
     import onnxruntime as ort

@@ -13,7 +13,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
-from qgraph.errors import QGraphError
 from qgraph.progress import track
 
 
@@ -78,23 +77,11 @@ def collect_stats(
     sample_tokens > 0 also keeps about that many evenly spaced token rows of each value, for
     searches (smoothing strength, clipping) that need real activations, not just ranges.
     """
-    from qgraph.backends.onnx_qdq import session_from_model
+    from qgraph.backends.onnx_qdq import session_with_outputs
 
-    graph = model.graph
-    by_name = {v.name: v for node in graph for v in node.outputs}
-    by_name.update({v.name: v for v in graph.inputs})
-    missing = [n for n in value_names if n not in by_name]
-    if missing:
-        raise QGraphError(f"calibration values not in the graph: {missing[:5]}", "check the value names")
     wanted = list(dict.fromkeys(value_names))
-    added = [by_name[n] for n in wanted if by_name[n] not in graph.outputs]
-    graph.outputs.extend(added)
-    try:
-        # One thread: the same inputs give bit-identical statistics, hence the same artifact.
-        session = session_from_model(model, threads=threads, optimize=False)
-    finally:
-        for v in added:
-            graph.outputs.remove(v)
+    # One thread: the same inputs give bit-identical statistics, hence the same artifact.
+    session = session_with_outputs(model, wanted, threads=threads, optimize=False)
     input_name = session.get_inputs()[0].name
     stats: dict[str, ChannelStats] = {}
     stride = max(1, windows.ids.size // sample_tokens) if sample_tokens else 0
