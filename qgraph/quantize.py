@@ -47,6 +47,12 @@ def qparams_from_range(
     if spec.is_float:
         scale = np.maximum(-lo, hi) / spec.qmax
         zp = np.zeros_like(scale)
+    elif spec.full_range:
+        # The largest-magnitude end maps to qmin exactly; the scale takes that end's sign.
+        scale = np.where(-lo >= hi, -lo / -spec.qmin, hi / spec.qmin)
+        zp = np.zeros_like(scale)
+        scale = np.where(scale != 0, scale, 1.0).astype(np.float32)
+        return scale, zp.astype(spec.storage_dtype)
     elif spec.symmetric:
         # Unsigned storage keeps its zero point at the middle of the range.
         mid = 0.0 if spec.qmin < 0 else float(np.ceil((spec.qmax + spec.qmin) / 2))

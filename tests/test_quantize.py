@@ -19,6 +19,8 @@ SPECS = [
     QuantSpec("int8", "channel", axis=0, symmetric=False),
     QuantSpec("int4", "channel", axis=1),
     QuantSpec("int4", "block", axis=0, block_size=32),
+    QuantSpec("int4", "block", axis=0, block_size=32, full_range=True),
+    QuantSpec("int8", "channel", axis=1, full_range=True),
     QuantSpec("int4", "block", axis=0, block_size=16, symmetric=False),
     QuantSpec("uint4", "block", axis=0, block_size=32, symmetric=False),
     QuantSpec("fp8_e4m3", "tensor"),
@@ -68,11 +70,13 @@ def test_ort_qdq_matches_numpy_reference(spec: QuantSpec):
     np.testing.assert_array_equal(np.asarray(got_q).astype(np.float32), ref_q.astype(np.float32))
     np.testing.assert_array_equal(got_y, ref_y)
     # And quantization error within half a step (integers) or the format's relative precision (fp8).
-    full_scale = np.broadcast_to(dequantize(np.ones_like(ref_q), scale, np.zeros_like(zp), spec), x.shape)
+    step = np.abs(np.broadcast_to(dequantize(np.ones_like(ref_q), scale, np.zeros_like(zp), spec), x.shape))
     if spec.is_float:
-        assert np.all(np.abs(ref_y - x) <= np.abs(x) * 2**-3 + full_scale * 2**-9)
+        assert np.all(np.abs(ref_y - x) <= np.abs(x) * 2**-3 + step * 2**-9)
+    elif spec.full_range:  # the end opposite the largest magnitude may clip by up to one step
+        assert np.all(np.abs(ref_y - x) <= step + 1e-6)
     else:
-        assert np.all(np.abs(ref_y - x) <= full_scale / 2 + 1e-6)
+        assert np.all(np.abs(ref_y - x) <= step / 2 + 1e-6)
 
 
 def test_symmetric_int8_uses_restricted_range():
@@ -103,3 +107,13 @@ def test_uint8_zero_point_128_is_the_symmetric_int8_grid():
     np.testing.assert_array_equal(
         dequantize(quantize(x, s8, z8, i8), s8, z8, i8), dequantize(quantize(x, su, zu, u8), su, zu, u8)
     )
+
+
+def test_full_range_maps_largest_magnitude_to_qmin():
+    spec = QuantSpec("int4", "tensor", full_range=True)
+    for x in (np.array([-3.0, 1.0, 2.9], dtype=np.float32), np.array([-1.0, 0.5, 4.0], dtype=np.float32)):
+        q, scale, zp = quantize_tensor(x, spec)
+        assert int(q[np.argmax(np.abs(x))]) == -8 and abs(float(scale)) == pytest.approx(np.abs(x).max() / 8)
+        assert np.abs(dequantize(q, scale, zp, spec) - x).max() <= abs(float(scale)) + 1e-6
+    with pytest.raises(Exception, match="full_range applies to symmetric signed"):
+        QuantSpec("uint4", "tensor", full_range=True)

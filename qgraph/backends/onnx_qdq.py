@@ -175,8 +175,7 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         )
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         old_out = layer.node.outputs[0]
-        new.outputs[0].type = old_out.type
-        new.outputs[0].shape = old_out.shape
+        new.outputs[0].type = old_out.type  # shape left to ORT's inference: smaller artifact
         graph.insert_before(layer.node, new)
         old_name = old_out.name
         old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)

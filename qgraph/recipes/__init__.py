@@ -18,7 +18,7 @@ PASS_OPTIONS: dict[str, set[str]] = {
     "smooth": {"alpha", "grid", "sample_tokens"},
 }
 _LAYER_KEYS = {"select", "skip"}
-_WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric"}
+_WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
 _ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer"}
 _HEAD_KEYS = {"weights", "activations", "lowering"}
 
@@ -33,6 +33,7 @@ class TensorRule:
     symmetric: bool = True
     static: bool = True
     observer: str = "minmax"
+    full_range: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ def _tensor_rule(d: Any, where: str, origin: str, allowed: set[str]) -> TensorRu
     return TensorRule(
         format=d["format"], granularity=gran, group_size=d.get("group_size"),
         symmetric=bool(d.get("symmetric", True)), static=bool(d.get("static", True)),
-        observer=d.get("observer", "minmax"),
+        observer=d.get("observer", "minmax"), full_range=bool(d.get("full_range", False)),
     )
 
 

@@ -31,17 +31,20 @@ def _matmulnbits_model(k: int, n: int, packed, scales, zps, block: int) -> ir.Mo
     return ir.Model(graph, ir_version=10)
 
 
-@pytest.mark.parametrize("k,n,block,fmt,sym", [
-    (576, 40, 128, "int4", True),     # 576 = 4.5 blocks: a partial tail block
-    (1536, 24, 128, "int4", True),
-    (100, 7, 32, "int4", False),      # odd shapes, asymmetric zero points, odd block count
-    (64, 5, 16, "uint4", False),
+@pytest.mark.parametrize("k,n,block,fmt,sym,full", [
+    (576, 40, 128, "int4", True, False),     # 576 = 4.5 blocks: a partial tail block
+    (576, 40, 128, "int4", True, True),      # full range: negative scales where the max is positive
+    (1536, 24, 128, "int4", True, False),
+    (100, 7, 32, "int4", False, False),      # odd shapes, asymmetric zero points, odd block count
+    (64, 5, 16, "uint4", False, False),
 ])
-def test_matmulnbits_packing_matches_numpy(k, n, block, fmt, sym):
+def test_matmulnbits_packing_matches_numpy(k, n, block, fmt, sym, full):
     rng = np.random.default_rng(k + n)
     w = rng.standard_normal((k, n)).astype(np.float32)
-    spec = QuantSpec(fmt, "block", axis=0, block_size=block, symmetric=sym)
+    spec = QuantSpec(fmt, "block", axis=0, block_size=block, symmetric=sym, full_range=full)
     packed, scales, zps = pack_matmulnbits(w, spec)
+    if full:
+        assert (scales < 0).any() and (scales > 0).any()
     assert packed.shape == (n, -(-k // block), block // 2)
     x = rng.standard_normal((3, k)).astype(np.float32)
     sess = session_from_model(_matmulnbits_model(k, n, packed, scales, zps, block), threads=1, optimize=False)
