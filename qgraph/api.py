@@ -225,6 +225,13 @@ def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows
         return SmoothQuantPass(windows, alpha=options.get("alpha", "search"), grid=tuple(options.get("grid", DEFAULT_GRID)),
                                weight_spec=w_spec, activation_spec=a_spec,
                                sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
+    if name == "qsm":
+        from qgraph.passes.qsm import QuantStepMigrationPass
+
+        qmax = float(a_spec.qmax) if a_spec is not None else 127.0
+        return QuantStepMigrationPass(windows, qmax=qmax, clip=float(options.get("clip", 1.0)),
+                                      split_threshold=options.get("split_threshold", 8.0),
+                                      max_copies=int(options.get("max_copies", 8)), progress=progress)
     raise QGraphError(f"recipe {recipe.name}: pass {name!r} is not available", "see qgraph.recipes.PASS_OPTIONS")
 
 

@@ -40,10 +40,14 @@ def layer_sqnr(float_model: ir.Model, quant_model: ir.Model, layers: list[str], 
         ys = f_sess.run([f_out[n] for n in names], ids)
         yq = q_sess.run([q_out[n] for n in names], ids)
         for n, y, q in zip(names, ys, yq, strict=True):
+            if y.shape != q.shape:  # widened by split_channels: no channel-for-channel match
+                signal[n] = noise[n] = float("nan")
+                continue
             y64 = y.astype(np.float64)
             signal[n] += float(np.square(y64).sum())
             noise[n] += float(np.square(y64 - q).sum())
-    return {n: (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else float("inf")) for n in names}
+    return {n: (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else float("inf"))
+            for n in names if not math.isnan(noise[n])}
 
 
 def write_report_md(path, report: dict, sqnr: dict[str, float], plot_name: str | None) -> None:

@@ -24,6 +24,7 @@ def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.nda
     readers = {id(user) for user, _ in old.uses()}
     if readers == {id(node)} and old not in graph.outputs and old.name in graph.initializers:
         old.const_value = ir.tensor(array, name=old.name)
+        old.shape = ir.Shape(array.shape)
         return old
     name = _unique_name(graph, f"{old.name}.{suffix}")
     new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(old.dtype),

@@ -16,6 +16,7 @@ _TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations"
 # Graph passes a recipe may run before annotation, with the options each accepts.
 PASS_OPTIONS: dict[str, set[str]] = {
     "smooth": {"alpha", "grid", "sample_tokens"},
+    "qsm": {"clip", "split_threshold", "max_copies"},
 }
 _LAYER_KEYS = {"select", "skip"}
 _WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}

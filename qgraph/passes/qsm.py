@@ -1,0 +1,84 @@
+"""QSM: MergeQuant's quantization-step migration with OutlierTune's dequantization pre-execution.
+
+Static per-channel activation steps D_c = clip * max|X_c| / qmax are folded into the region's
+sources (they emit X / D directly) and D into the sink rows before the weights are quantized.
+Every channel then spans the same range [-qmax, qmax], so a per-tensor quantizer with scale 1
+does the work of a per-channel one at zero runtime cost: the lowered graph has exactly the nodes
+of plain w8a8. Channels whose step is far above the rest (the gated product before down_proj)
+are split first (dimensional reconstruction), so no weight row of the sink dominates its
+output channel's scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.calib.data import TokenWindows
+from qgraph.calib.stats import collect_stats
+from qgraph.ir.regions import Region, find_regions
+from qgraph.ir.rewrite import scale_region
+from qgraph.passes.split_channels import split_channels
+
+
+def source_channel_absmax(region: Region, row_absmax: np.ndarray) -> np.ndarray:
+    """max|X| per source channel from per-sink-input-row maxima (GQA rows share a KV channel)."""
+    out = np.zeros(region.channels, dtype=np.float64)
+    np.maximum.at(out, region.sink_index, row_absmax)
+    return out
+
+
+class QuantStepMigrationPass(ir.passes.InPlacePass):
+    """Fold static per-channel activation steps into sources and sinks; split outlier channels first."""
+
+    function_preserving = True
+
+    def __init__(self, windows: TokenWindows, *, qmax: float = 127.0, clip: float = 1.0,
+                 split_threshold: float | None = 8.0, max_copies: int = 8, progress: bool = True):
+        super().__init__()
+        self.windows = windows
+        self.qmax = qmax
+        self.clip = clip
+        self.split_threshold = split_threshold
+        self.max_copies = max_copies
+        self.progress = progress
+        self.migrated: dict[str, dict] = {}
+        self.refused: list[dict] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        regions, rejections = find_regions(model)
+        self.refused = [{"candidate": r.candidate, "reason": r.reason} for r in rejections]
+        if not regions:
+            return ir.passes.PassResult(model, modified=False)
+        inputs = list(dict.fromkeys(r.sinks[0].node.inputs[0].name for r in regions))
+        stats = collect_stats(model, inputs, self.windows, progress=self.progress)
+        for region in regions:
+            absmax = source_channel_absmax(region, stats[region.sinks[0].node.inputs[0].name].abs_max)
+            split = 0
+            if self.split_threshold and region.kind == "up->down":
+                region, absmax, split = self._split(model.graph, region, absmax)
+            steps = np.where(absmax > 0, self.clip * absmax / self.qmax, 1.0)
+            scale_region(model.graph, region, steps)
+            self.migrated[region.name] = {"channels": region.channels, "split": split,
+                                          "step_ratio_max_median": float(steps.max() / np.median(steps))}
+        return ir.passes.PassResult(model, modified=True)
+
+    def _split(self, graph: ir.Graph, region: Region, absmax: np.ndarray) -> tuple[Region, np.ndarray, int]:
+        limit = self.split_threshold * float(np.median(absmax[absmax > 0]))
+        copies = {int(c): min(self.max_copies, int(np.ceil(absmax[c] / limit))) for c in np.flatnonzero(absmax > limit)}
+        if not copies:
+            return region, absmax, 0
+        wide = split_channels(graph, region, copies)
+        extra = [c for c in sorted(copies) for _ in range(copies[c] - 1)]
+        absmax = absmax.copy()
+        for c, k in copies.items():
+            absmax[c] /= k  # each copy carries u_c / k: exactly 1/k of the range
+        return wide, np.concatenate([absmax, absmax[extra]]), len(extra)
+
+    def summary(self) -> dict:
+        return {
+            "regions_migrated": len(self.migrated),
+            "channels_split": sum(m["split"] for m in self.migrated.values()),
+            "regions": self.migrated,
+            "refused": self.refused,
+        }
