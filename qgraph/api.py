@@ -161,8 +161,11 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
             from qgraph.eval.verify import check_pass, verification_inputs
 
             vocab = int(graph_model.graph.outputs[0].shape[-1]) if graph_model.graph.outputs[0].shape else 1000
-            real = calib.ids[:1, :128] if isinstance(calib, TokenWindows) else None
-            result, verdict = check_pass(p, graph_model, verification_inputs(vocab, real), name=name)
+            in_shape = graph_model.graph.inputs[0].shape
+            length = in_shape[1] if in_shape is not None and isinstance(in_shape[1], int) else 128  # static exports
+            real = calib.ids[:1, :length] if isinstance(calib, TokenWindows) and calib.ctx >= length else None
+            inputs = verification_inputs(vocab, real, length=length)
+            result, verdict = check_pass(p, graph_model, inputs, name=name)
             verified.append(verdict.to_dict())
         else:
             result = p(graph_model)

@@ -53,3 +53,17 @@ def test_w8a8_quantizes_all_210_block_linears_and_runs_int8_kernels(artifacts, t
     q = qgraph.evaluate(w8a8, windows=2, progress=False)["ppl"]
     # Per-tensor static int8 activations cost accuracy on this model (outlier channels); measured 53.0 vs 21.3.
     assert fp < q < 3.0 * fp, (fp, q)
+
+
+def test_w8a8_qsm_recovers_accuracy_with_the_same_nodes(artifacts, tmp_path):
+    _, fp32, w8a8 = artifacts
+    compiled = qgraph.compile(qgraph.load(fp32 / "model.onnx", progress=False), "w8a8-qsm", progress=False, verify=True)
+    assert compiled.report["verified"][0]["ok"] and compiled.report["verified"][0]["relative_error"] < 1e-5
+    assert len(compiled.layers) == 210
+    out = compiled.save(tmp_path / "qsm", progress=False)
+    count = lambda d: collections.Counter(  # noqa: E731
+        n.op_type for n in onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node)
+    assert count(out) == count(w8a8)  # QSM costs no runtime op
+    fp = qgraph.evaluate(fp32, windows=2, progress=False)["ppl"]
+    q = qgraph.evaluate(out, windows=2, progress=False)["ppl"]
+    assert q < 1.08 * fp, (fp, q)  # plain w8a8 is 2.5x fp32 on these windows

@@ -114,3 +114,18 @@ def test_artifact_roundtrip_fresh_session(tmp_path, llama_captured):
     ids = np.arange(6, dtype=np.int64).reshape(1, 6)
     got = session_from_file(out / "model.onnx", threads=1, optimize=False).run(None, {"input_ids": ids})[0]
     np.testing.assert_array_equal(got, _run(compiled.model, ids))
+
+
+@pytest.mark.parametrize("recipe,bound", [("fp8", 0.3), ("w4a8-qsm", 0.3)])
+def test_formats_without_fused_kernels_still_run(llama_captured, recipe, bound):
+    compiled = qgraph.compile(llama_captured, recipe, calib=_calib(), progress=False, verify=True)
+    lowering = next(p for p in compiled.report["passes"] if p["pass"] == "lower_onnx")
+    assert list(lowering["ops"]) == ["explicit Q -> DQ + float MatMul (ORT CPU has no fused kernel for this format)"]
+    assert lowering["ops"][list(lowering["ops"])[0]] == 14
+    ids = np.arange(16, dtype=np.int64).reshape(1, 16)
+    ref, got = _run(llama_captured.model, ids), _run(compiled.model, ids)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    assert 1e-4 < rel < bound, rel
+    dq_types = {compiled.model.graph.initializers[n.inputs[0].name].dtype for n in compiled.model.graph
+                if n.op_type == "DequantizeLinear" and n.inputs[0].name in compiled.model.graph.initializers}
+    assert dq_types == ({ir.DataType.FLOAT8E4M3FN} if recipe == "fp8" else {ir.DataType.INT4})
