@@ -186,7 +186,9 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     passes.append({"pass": "lower_onnx", "modified": bool(lower.lowered), "seconds": round(time.perf_counter() - t, 3),
                    "lowered": len(lower.lowered),
                    "ops": {k: sum(1 for x in lower.lowered.values() if x == k) for k in set(lower.lowered.values())}})
+    t = time.perf_counter()
     sqnr = _layer_sqnr(model, graph_model, list(annotate.annotated), calib, progress) if annotate.annotated else {}
+    sqnr_seconds = round(time.perf_counter() - t, 3)
     layers = [{"name": name, **note.describe(), **({"sqnr_db": round(sqnr[name], 2)} if name in sqnr else {})}
               for name, note in annotate.annotated.items()]
     report = {
@@ -195,7 +197,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         "quantized_layers": len(layers),
         "skipped_layers": annotate.skipped,
         "float_layers": annotate.left_float,
-        "timings_s": {p["pass"]: p["seconds"] for p in passes},
+        "timings_s": {**{p["pass"]: p["seconds"] for p in passes}, "layer_sqnr": sqnr_seconds},
         "verified": verified if verify else None,
         "layer_sqnr_db": {n: round(v, 3) for n, v in sqnr.items()},
     }
@@ -203,7 +205,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
 
 
 def _layer_sqnr(model: CapturedModel, lowered, layers: list[str], calib, progress: bool) -> dict[str, float]:
-    """Per-layer SQNR on two calibration windows; empty when the model has no tokenizer/text."""
+    """Per-layer SQNR on one calibration window (511 positions); empty when the model has no tokenizer/text."""
     from qgraph.eval.sqnr import layer_sqnr
     from qgraph.progress import status
 
@@ -212,7 +214,7 @@ def _layer_sqnr(model: CapturedModel, lowered, layers: list[str], calib, progres
     except QGraphError:
         return {}
     with status("measuring per-layer SQNR", enabled=progress):
-        return layer_sqnr(model.model, lowered, layers, windows)
+        return layer_sqnr(model.model, lowered, layers, windows, max_windows=1)
 
 
 def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows, progress: bool):
@@ -228,6 +230,20 @@ def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows
         return SmoothQuantPass(windows, alpha=options.get("alpha", "search"), grid=tuple(options.get("grid", DEFAULT_GRID)),
                                weight_spec=w_spec, activation_spec=a_spec,
                                sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
+    if name == "awq":
+        from qgraph.passes.awq import AWQPass
+        from qgraph.passes.smooth import DEFAULT_GRID
+
+        return AWQPass(windows, alpha=options.get("alpha", "search"), grid=tuple(options.get("grid", DEFAULT_GRID)),
+                       weight_spec=w_spec, sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
+    if name == "clip_search":
+        from qgraph.passes.clip_search import DEFAULT_RATIOS, WeightClipSearchPass
+
+        if w_spec is None or w_spec.granularity != "block":
+            raise QGraphError(f"recipe {recipe.name}: clip_search needs group weight quantization",
+                              "set weights granularity: group, or drop clip_search")
+        return WeightClipSearchPass(windows, w_spec, ratios=tuple(options.get("ratios", DEFAULT_RATIOS)),
+                                    sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
     if name == "qsm":
         from qgraph.passes.qsm import QuantStepMigrationPass
 

@@ -171,7 +171,8 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                               "use lowering: qdq for Gemm layers")
         w = weight_array(layer)
         packed, scales, zps = pack_matmulnbits(w, spec)
-        base = _unique(graph, f"{layer.name}.weight_q4")
+        # Named after the float weight it replaces (short); the layer name stays on the node.
+        base = _unique(graph, f"{layer.weight.name}_q4")
         inputs = [layer.node.inputs[0], _initializer(graph, base, packed), _initializer(graph, f"{base}.scales", scales)]
         if zps is not None:
             inputs.append(_initializer(graph, f"{base}.zero_points", zps))
@@ -183,7 +184,7 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         )
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         old_out = layer.node.outputs[0]
-        new.outputs[0].type = old_out.type  # shape left to ORT's inference: smaller artifact
+        # Type and shape are left to ORT's inference: no value_info entry, a smaller artifact.
         graph.insert_before(layer.node, new)
         old_name = old_out.name
         old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)

@@ -31,8 +31,8 @@ def layer_sqnr(float_model: ir.Model, quant_model: ir.Model, layers: list[str], 
     names = [n for n in layers if n in f_out and n in q_out]
     if not names:
         return {}
-    f_sess = session_with_outputs(float_model, [f_out[n] for n in names], threads=1, optimize=False)
-    q_sess = session_with_outputs(quant_model, [q_out[n] for n in names], threads=1, optimize=True)
+    f_sess = session_with_outputs(float_model, [f_out[n] for n in names], threads=2, optimize=False)
+    q_sess = session_with_outputs(quant_model, [q_out[n] for n in names], threads=2, optimize=True)
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
     for row in windows.ids[:max_windows]:

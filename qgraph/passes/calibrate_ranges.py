@@ -6,11 +6,14 @@ import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
 from qgraph.calib.stats import ChannelStats, collect_stats
-from qgraph.ir.qspec import annotation_of, set_range
+from qgraph.ir.qspec import annotation_of, range_of, set_range
 
 
 class CalibrateRangesPass(ir.passes.InPlacePass):
-    """Run the float graph on calibration windows; store each static activation's min/max."""
+    """Run the float graph on calibration windows; store each static activation's min/max.
+
+    Values whose range an earlier pass already fixed (QSM sets [-qmax, qmax]) keep it.
+    """
 
     def __init__(self, windows: TokenWindows, *, progress: bool = True):
         super().__init__()
@@ -23,7 +26,8 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         for node in model.graph:
             note = annotation_of(node)
             if note is not None and note.activation is not None and note.activation.static:
-                values[node.inputs[0].name] = node.inputs[0]
+                if range_of(node.inputs[0]) is None:
+                    values[node.inputs[0].name] = node.inputs[0]
         if not values:
             return ir.passes.PassResult(model, modified=False)
         self.stats = collect_stats(model, list(values), self.windows, progress=self.progress)

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
 from qgraph.calib.stats import collect_stats
+from qgraph.ir.qspec import set_range
 from qgraph.ir.regions import Region, find_regions
 from qgraph.ir.rewrite import scale_region
 from qgraph.passes.split_channels import split_channels
@@ -59,6 +60,9 @@ class QuantStepMigrationPass(ir.passes.InPlacePass):
                 region, absmax, split = self._split(model.graph, region, absmax)
             steps = np.where(absmax > 0, self.clip * absmax / self.qmax, 1.0)
             scale_region(model.graph, region, steps)
+            # Every channel now spans [-qmax / clip, qmax / clip]: the per-tensor quantizer's range is
+            # known without another calibration run (scale 1 for clip = 1).
+            set_range(region.sinks[0].node.inputs[0], -self.qmax / self.clip, self.qmax / self.clip)
             self.migrated[region.name] = {"channels": region.channels, "split": split,
                                           "step_ratio_max_median": float(steps.max() / np.median(steps))}
         return ir.passes.PassResult(model, modified=True)

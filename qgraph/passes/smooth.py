@@ -41,10 +41,15 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
 
 def quantized_output_error(x: np.ndarray, weights: list[np.ndarray], reference: list[np.ndarray], row_scale: np.ndarray,
                            act_absmax: np.ndarray, w_spec: QuantSpec, a_spec: QuantSpec) -> float:
-    """Relative error of Q(X / s) Q(s W) against the float X W over the sinks; activation range from calibration."""
-    hi = float((act_absmax / row_scale).max())
-    scale, zp = qparams_from_range(np.asarray(-hi), np.asarray(hi), a_spec)
-    xq = dequantize(quantize(x / row_scale, scale, zp, a_spec), scale, zp, a_spec)
+    """Relative error of Q(X / s) Q(s W) against the float X W over the sinks; activation range from calibration.
+
+    a_spec None: weight-only (the activation stays float).
+    """
+    xq = x / row_scale
+    if a_spec is not None:
+        hi = float((act_absmax / row_scale).max())
+        scale, zp = qparams_from_range(np.asarray(-hi), np.asarray(hi), a_spec)
+        xq = dequantize(quantize(xq, scale, zp, a_spec), scale, zp, a_spec)
     num = den = 0.0
     for w, y in zip(weights, reference, strict=True):
         yq = xq @ fake_quantize(w * row_scale[:, None], w_spec)
@@ -57,6 +62,12 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     """Scale every legal region by SmoothQuant factors (alpha fixed or searched per region)."""
 
     function_preserving = True
+    weight_only = False
+    label = "smoothing regions"
+
+    def scales(self, act_max: np.ndarray, act_mean: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+        """Per-source-channel factors for one strength alpha."""
+        return smoothing_scales(act_max, weight_max, alpha)
 
     def __init__(self, windows: TokenWindows, *, alpha: float | str = "search", grid: tuple[float, ...] = DEFAULT_GRID,
                  weight_spec: QuantSpec | None = None, activation_spec: QuantSpec | None = None,
@@ -66,7 +77,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self.alpha = alpha
         self.grid = tuple(grid) if alpha == "search" else (float(alpha),)
         self.weight_spec = weight_spec or QuantSpec("int8", "channel", axis=1)
-        self.activation_spec = activation_spec or QuantSpec("int8", "tensor")
+        self.activation_spec = None if self.weight_only else activation_spec or QuantSpec("int8", "tensor")
         self.sample_tokens = sample_tokens
         self.progress = progress
         self.chosen: dict[str, dict] = {}
@@ -81,7 +92,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         inputs = list(dict.fromkeys(r.sinks[0].node.inputs[0].name for r in regions))
         stats = collect_stats(model, inputs, self.windows, progress=self.progress, sample_tokens=self.sample_tokens)
-        for region in track(regions, "smoothing regions", total=len(regions), enabled=self.progress):
+        for region in track(regions, self.label, total=len(regions), enabled=self.progress):
             s, alpha, err = self._choose(region, stats[region.sinks[0].node.inputs[0].name])
             scale_region(model.graph, region, s)
             self.chosen[region.name] = {"alpha": alpha, "relative_error": err, "max_scale": float(s.max()),
@@ -94,11 +105,13 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         act_rows = stats.abs_max.astype(np.float64)
         w_rows = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
         act_c = _per_source_channel(act_rows, idx, region.channels)
+        mean_c = _per_source_channel(stats.abs_mean.astype(np.float64), idx, region.channels)
         w_c = _per_source_channel(w_rows, idx, region.channels)
         x = stats.sample_rows
         reference = [x @ w for w in weights]
+
         def trial(alpha: float) -> tuple[np.ndarray, float, float]:
-            s = smoothing_scales(act_c, w_c, alpha)
+            s = self.scales(act_c, mean_c, w_c, alpha)
             err = quantized_output_error(x, weights, reference, s[idx].astype(np.float32), act_rows, self.weight_spec,
                                          self.activation_spec)
             return s, alpha, err

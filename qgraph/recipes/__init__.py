@@ -17,6 +17,8 @@ _TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations"
 PASS_OPTIONS: dict[str, set[str]] = {
     "smooth": {"alpha", "grid", "sample_tokens"},
     "qsm": {"clip", "split_threshold", "max_copies"},
+    "awq": {"alpha", "grid", "sample_tokens"},
+    "clip_search": {"ratios", "sample_tokens"},
 }
 _LAYER_KEYS = {"select", "skip"}
 _WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}

@@ -1,0 +1,54 @@
+"""AWQ: exact fold, weight-only error no worse than unscaled, lowers to MatMulNBits with zero points."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+
+import qgraph
+from qgraph.calib.data import TokenWindows
+from qgraph.eval.verify import check_pass, verification_inputs
+from qgraph.ir.qspec import QuantSpec
+from qgraph.passes.awq import AWQPass
+
+
+def _windows() -> TokenWindows:
+    return TokenWindows(np.random.default_rng(3).integers(0, 256, size=(4, 32), dtype=np.int64), 0, "random")
+
+
+SPEC = QuantSpec("int4", "block", axis=0, block_size=32, symmetric=False)
+
+
+def test_awq_fold_is_exact_and_search_never_loses(llama_captured):
+    model = llama_captured.model.clone()
+    p = AWQPass(_windows(), weight_spec=SPEC, progress=False)
+    _, verdict = check_pass(p, model, verification_inputs(256, length=16))
+    assert verdict.relative_error < 1e-5 and p.activation_spec is None
+    base = AWQPass(_windows(), alpha=0.0, weight_spec=SPEC, progress=False)
+    base(llama_captured.model.clone())
+    assert len(p.chosen) == 8
+    for name, c in p.chosen.items():
+        assert c["relative_error"] <= base.chosen[name]["relative_error"] + 1e-12
+    assert any(c["alpha"] > 0 for c in p.chosen.values())
+
+
+def test_w4a16_awq_recipe(llama_captured):
+    compiled = qgraph.compile(llama_captured, "w4a16-awq", calib=_windows(), progress=False, verify=True)
+    ops = collections.Counter(n.op_type for n in compiled.model.graph)
+    assert ops["MatMulNBits"] == 14 and compiled.report["verified"][0]["ok"]
+    nbits = [n for n in compiled.model.graph if n.op_type == "MatMulNBits"]
+    assert all(len(n.inputs) == 4 for n in nbits)  # asymmetric: zero points present
+
+
+def test_clip_search_never_increases_the_layer_error():
+    from qgraph.passes.clip_search import clip_weight
+    from qgraph.quantize import fake_quantize
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((100, 12)).astype(np.float32)
+    w[7, 3] = 9.0  # one outlier weight: clipping its group pays off
+    x = rng.standard_normal((256, 100)).astype(np.float32)
+    clipped, ratio = clip_weight(w, x, SPEC)
+    err = lambda v: float(np.square(x @ w - x @ fake_quantize(v, SPEC)).sum())  # noqa: E731
+    assert err(clipped) < err(w) and ratio < 1.0
