@@ -31,7 +31,7 @@ from qgraph.eval.bench import time_forward  # noqa: E402
 from qgraph.eval.perplexity import perplexity  # noqa: E402
 from qgraph.ir.capture import load_tokenizer  # noqa: E402
 
-QGRAPH_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-qsm", "w4a16"]
+QGRAPH_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-qsm", "w4a16", "w4a16-awq", "fp8"]
 
 
 def qgraph_cli(*args: str) -> float:
