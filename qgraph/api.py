@@ -180,12 +180,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     run(annotate, "annotate_linears")
     if recipe.needs_calibration and annotate.annotated and any(n.activation for n in annotate.annotated.values()):
         run(CalibrateRangesPass(calib, progress=progress), "calibrate_ranges")
-    lower = LowerToOnnxPass()
-    t = time.perf_counter()
-    lower(graph_model)
-    passes.append({"pass": "lower_onnx", "modified": bool(lower.lowered), "seconds": round(time.perf_counter() - t, 3),
-                   "lowered": len(lower.lowered),
-                   "ops": {k: sum(1 for x in lower.lowered.values() if x == k) for k in set(lower.lowered.values())}})
+    run(LowerToOnnxPass(), "lower_onnx")
     t = time.perf_counter()
     sqnr = _layer_sqnr(model, graph_model, list(annotate.annotated), calib, progress) if annotate.annotated else {}
     sqnr_seconds = round(time.perf_counter() - t, 3)

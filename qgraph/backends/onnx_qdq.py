@@ -8,6 +8,7 @@ MatMul output stays float. int4 weight-only layers become com.microsoft MatMulNB
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,9 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
             self.lowered[layer.name] = kernel_for(note)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.lowered))
+
+    def summary(self) -> dict:
+        return {"lowered": len(self.lowered), "ops": dict(collections.Counter(self.lowered.values()))}
 
     def _lower_weight_qdq(self, graph: ir.Graph, layer, spec: QuantSpec) -> None:
         w = weight_array(layer)

@@ -95,3 +95,15 @@ def collect_stats(
                 stats[name] = ChannelStats.empty(arr.shape[-1])
             stats[name].update(arr, stride)
     return stats
+
+
+def region_stats(model: ir.Model, windows: TokenWindows, *, progress: bool = True, sample_tokens: int = 0):
+    """The model's channel regions, its refused candidates (as dicts) and statistics of each region's input."""
+    from qgraph.ir.regions import find_regions
+
+    regions, rejections = find_regions(model)
+    refused = [dataclasses.asdict(r) for r in rejections]
+    if not regions:
+        return regions, refused, {}
+    names = list(dict.fromkeys(r.input.name for r in regions))
+    return regions, refused, collect_stats(model, names, windows, progress=progress, sample_tokens=sample_tokens)

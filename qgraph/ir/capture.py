@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -168,11 +170,10 @@ def _load_transformers(
     is_causal = any(a.endswith("ForCausalLM") for a in archs) or config.model_type in (
         "llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gemma", "gemma2", "smollm3",
     )
-    # transformers' GGUF loader draws its own tqdm bars; qgraph shows one spinner instead.
-    tqdm_before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    # transformers' GGUF loader draws its own tqdm bars (tqdm reads TQDM_DISABLE only at import):
+    # qgraph shows one spinner instead, so the loader's stderr is captured.
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             if is_causal:
                 module = transformers.AutoModelForCausalLM.from_pretrained(
@@ -187,11 +188,6 @@ def _load_transformers(
             f"unsupported model type {config.model_type!r} in {str(directory)!r}: {str(exc).splitlines()[0][:200]}",
             "qgraph captures transformers causal LMs and encoders",
         ) from None
-    finally:
-        if tqdm_before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = tqdm_before
     module.eval()
     if hasattr(module.config, "use_cache"):
         module.config.use_cache = False

@@ -235,6 +235,11 @@ class Region:
     shared: list[ir.Value] = dataclasses.field(default_factory=list)
 
     @property
+    def input(self) -> ir.Value:
+        """The activation the sinks read (what their input quantizer sees)."""
+        return self.sinks[0].node.inputs[0]
+
+    @property
     def diagonal_only(self) -> bool:
         """True when the path commutes with positive diagonal scales only (a gated product, ReLU), not rotations."""
         return self.kind == "up->down" or any(n.op_type == "Relu" for n in self.path)

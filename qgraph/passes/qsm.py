@@ -15,9 +15,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
-from qgraph.calib.stats import collect_stats
+from qgraph.calib.stats import region_stats
 from qgraph.ir.qspec import set_range
-from qgraph.ir.regions import Region, find_regions
+from qgraph.ir.regions import Region
 from qgraph.ir.rewrite import scale_region
 from qgraph.passes.split_channels import split_channels
 
@@ -47,14 +47,11 @@ class QuantStepMigrationPass(ir.passes.InPlacePass):
         self.refused: list[dict] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        regions, rejections = find_regions(model)
-        self.refused = [{"candidate": r.candidate, "reason": r.reason} for r in rejections]
+        regions, self.refused, stats = region_stats(model, self.windows, progress=self.progress)
         if not regions:
             return ir.passes.PassResult(model, modified=False)
-        inputs = list(dict.fromkeys(r.sinks[0].node.inputs[0].name for r in regions))
-        stats = collect_stats(model, inputs, self.windows, progress=self.progress)
         for region in regions:
-            absmax = source_channel_absmax(region, stats[region.sinks[0].node.inputs[0].name].abs_max)
+            absmax = source_channel_absmax(region, stats[region.input.name].abs_max)
             split = 0
             if self.split_threshold and region.kind == "up->down":
                 region, absmax, split = self._split(model.graph, region, absmax)
@@ -62,7 +59,7 @@ class QuantStepMigrationPass(ir.passes.InPlacePass):
             scale_region(model.graph, region, steps)
             # Every channel now spans [-qmax / clip, qmax / clip]: the per-tensor quantizer's range is
             # known without another calibration run (scale 1 for clip = 1).
-            set_range(region.sinks[0].node.inputs[0], -self.qmax / self.clip, self.qmax / self.clip)
+            set_range(region.input, -self.qmax / self.clip, self.qmax / self.clip)
             self.migrated[region.name] = {"channels": region.channels, "split": split,
                                           "step_ratio_max_median": float(steps.max() / np.median(steps))}
         return ir.passes.PassResult(model, modified=True)

@@ -13,9 +13,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
-from qgraph.calib.stats import ChannelStats, collect_stats
+from qgraph.calib.stats import ChannelStats, region_stats
 from qgraph.ir.qspec import QuantSpec
-from qgraph.ir.regions import Region, find_regions, weight_array
+from qgraph.ir.regions import Region, weight_array
 from qgraph.ir.rewrite import scale_region
 from qgraph.quantize import dequantize, fake_quantize, qparams_from_range, quantize
 
@@ -86,14 +86,11 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from qgraph.progress import track
 
-        regions, rejections = find_regions(model)
-        self.refused = [{"candidate": r.candidate, "reason": r.reason} for r in rejections]
+        regions, self.refused, stats = region_stats(model, self.windows, progress=self.progress, sample_tokens=self.sample_tokens)
         if not regions:
             return ir.passes.PassResult(model, modified=False)
-        inputs = list(dict.fromkeys(r.sinks[0].node.inputs[0].name for r in regions))
-        stats = collect_stats(model, inputs, self.windows, progress=self.progress, sample_tokens=self.sample_tokens)
         for region in track(regions, self.label, total=len(regions), enabled=self.progress):
-            s, alpha, err = self._choose(region, stats[region.sinks[0].node.inputs[0].name])
+            s, alpha, err = self._choose(region, stats[region.input.name])
             scale_region(model.graph, region, s)
             self.chosen[region.name] = {"alpha": alpha, "relative_error": err, "max_scale": float(s.max()),
                                         "min_scale": float(s.min())}
