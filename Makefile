@@ -24,8 +24,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(QGRAPH) compile --recipe fp32 -o $(OUT)/fp32
 	$(QGRAPH) compile $(OUT)/fp32/model.onnx --recipe w8a8 -o $(OUT)/w8a8
+	$(QGRAPH) compile $(OUT)/fp32/model.onnx --recipe w8a8-qsm -o $(OUT)/w8a8-qsm --report
 	@echo "fp32 perplexity:"; $(QGRAPH) eval $(OUT)/fp32
 	@echo "w8a8 perplexity:"; $(QGRAPH) eval $(OUT)/w8a8
+	@echo "w8a8-qsm perplexity (same nodes as w8a8):"; $(QGRAPH) eval $(OUT)/w8a8-qsm
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

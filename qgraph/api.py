@@ -176,13 +176,17 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         calib = calibration_windows_for(model, calib or CalibConfig())
     for name, options in recipe.passes:
         run(_recipe_pass(name, options, recipe, calib, progress), name)
+    # The float reference for per-layer SQNR is the graph after the function-preserving rewrites:
+    # they rescale (and may widen) layers inside a region, so only this graph matches layer for layer.
+    float_reference = graph_model.clone() if recipe.passes else model.model
     annotate = AnnotateLinearsPass(recipe)
     run(annotate, "annotate_linears")
     if recipe.needs_calibration and annotate.annotated and any(n.activation for n in annotate.annotated.values()):
         run(CalibrateRangesPass(calib, progress=progress), "calibrate_ranges")
     run(LowerToOnnxPass(), "lower_onnx")
     t = time.perf_counter()
-    sqnr = _layer_sqnr(model, graph_model, list(annotate.annotated), calib, progress) if annotate.annotated else {}
+    sqnr = (_layer_sqnr(model, float_reference, graph_model, list(annotate.annotated), calib, progress)
+            if annotate.annotated else {})
     sqnr_seconds = round(time.perf_counter() - t, 3)
     layers = [{"name": name, **note.describe(), **({"sqnr_db": round(sqnr[name], 2)} if name in sqnr else {})}
               for name, note in annotate.annotated.items()]
@@ -199,7 +203,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     return CompiledModel(graph_model, model.tokenizer, model.source, recipe, layers, report)
 
 
-def _layer_sqnr(model: CapturedModel, lowered, layers: list[str], calib, progress: bool) -> dict[str, float]:
+def _layer_sqnr(model: CapturedModel, reference, lowered, layers: list[str], calib, progress: bool) -> dict[str, float]:
     """Per-layer SQNR on one calibration window (511 positions); empty when the model has no tokenizer/text."""
     from qgraph.eval.sqnr import layer_sqnr
     from qgraph.progress import status
@@ -209,7 +213,7 @@ def _layer_sqnr(model: CapturedModel, lowered, layers: list[str], calib, progres
     except QGraphError:
         return {}
     with status("measuring per-layer SQNR", enabled=progress):
-        return layer_sqnr(model.model, lowered, layers, windows, max_windows=1)
+        return layer_sqnr(reference, lowered, layers, windows, max_windows=1)
 
 
 def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows, progress: bool):

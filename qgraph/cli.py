@@ -67,17 +67,20 @@ def compile_cmd(
 
     table = Table(title=f"qgraph compile -> {path}", show_header=True)
     sqnr = report.get("layer_sqnr_db") or {}
-    for col in ("recipe", "quantized layers", "float layers", "model size", "worst layer SQNR", "wall time"):
+    for col in ("recipe", "quantized layers", "float layers", "model size", "wall time"):
         table.add_column(col)
     table.add_row(
         recipe_obj.name,
         str(report["quantized_layers"]),
         str(len(report["float_layers"]) + len(report["skipped_layers"])),
         f"{report['sizes_bytes']['model_files'] / 1e6:.1f} MB",
-        (lambda n: f"{sqnr[n]:.1f} dB ({n})")(min(sqnr, key=sqnr.get)) if sqnr else "-",
         f"{report['timings_s']['total']:.1f} s",
     )
     _out().print(table)
+    if sqnr:
+        worst = min(sqnr, key=sqnr.get)
+        _out().print(f"per-layer SQNR: median {sorted(sqnr.values())[len(sqnr) // 2]:.1f} dB, "
+                     f"worst {sqnr[worst]:.1f} dB at {worst} (all layers in report.json; --report for a plot)")
 
 
 @app.command("eval")

@@ -72,6 +72,8 @@ def test_w8a8_qsm_same_nodes_as_w8a8_and_more_accurate(llama_captured):
     count = lambda m: collections.Counter(n.op_type for n in m.graph)  # noqa: E731
     assert count(plain.model) == count(qsm.model)
     assert qsm.report["verified"][0]["ok"]
+    # SQNR compares against the migrated float graph: sources rescaled by QSM still match layer for layer.
+    assert len(qsm.report["layer_sqnr_db"]) == 14 and min(qsm.report["layer_sqnr_db"].values()) > 10
     ids = verification_inputs(256, length=24, random_rows=3, seed=4)
     from qgraph.eval.verify import relative_error, run_float
 
