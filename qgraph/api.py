@@ -235,6 +235,10 @@ def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows
 
         return AWQPass(windows, alpha=options.get("alpha", "search"), grid=tuple(options.get("grid", DEFAULT_GRID)),
                        weight_spec=w_spec, sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
+    if name == "fold_norm_affine":
+        from qgraph.passes.fold_norm_affine import FoldNormAffinePass
+
+        return FoldNormAffinePass()
     if name == "clip_search":
         from qgraph.passes.clip_search import DEFAULT_RATIOS, WeightClipSearchPass
 

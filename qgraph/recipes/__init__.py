@@ -19,6 +19,7 @@ PASS_OPTIONS: dict[str, set[str]] = {
     "qsm": {"clip", "split_threshold", "max_copies"},
     "awq": {"alpha", "grid", "sample_tokens"},
     "clip_search": {"ratios", "sample_tokens"},
+    "fold_norm_affine": set(),
 }
 _LAYER_KEYS = {"select", "skip"}
 _WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
