@@ -8,7 +8,6 @@ import importlib.util
 import io
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -283,4 +282,3 @@ def name_nodes_by_scope(model: ir.Model) -> None:
                     node.name = name
         node.metadata_props.clear()
     model.graph.metadata_props.clear()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
