@@ -18,26 +18,12 @@ import onnx_ir.passes.common
 from qgraph.errors import QGraphError
 from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotation_of, range_of
 from qgraph.ir.regions import find_linears, weight_array
+from qgraph.ir.rewrite import add_initializer
 from qgraph.quantize import qparams_from_range, quantize_tensor
 
 MS_DOMAIN = "com.microsoft"
 # Above this many bytes of weights the artifact keeps them in model.onnx.data beside model.onnx.
 EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    tensor = ir.tensor(array, name=name)
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
-
-
-def _unique(graph: ir.Graph, base: str) -> str:
-    taken = graph.initializers
-    name, i = base, 1
-    while name in taken:
-        name, i = f"{base}_{i}", i + 1
-    return name
 
 
 def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -113,12 +99,12 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
     def _lower_weight_qdq(self, graph: ir.Graph, layer, spec: QuantSpec) -> None:
         w = weight_array(layer)
         q, scale, zp = quantize_tensor(w, spec)
-        base = _unique(graph, f"{layer.name}.weight_q")
-        q_v = _initializer(graph, base, q)
-        s_v = _initializer(graph, f"{base}.scale", scale)
+        q_v = add_initializer(graph, f"{layer.name}.weight_q", q)
+        base = q_v.name
+        s_v = add_initializer(graph, f"{base}.scale", scale)
         inputs = [q_v, s_v]
         if not spec.is_float:
-            inputs.append(_initializer(graph, f"{base}.zero_point", zp))
+            inputs.append(add_initializer(graph, f"{base}.zero_point", zp))
         attrs = {}
         if spec.granularity in ("channel", "block"):
             attrs["axis"] = spec.axis
@@ -155,8 +141,8 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         if x.name not in shared:
             storage = QuantSpec("uint8", "tensor") if spec.format == "int8" and spec.symmetric else spec
             scale, zp = qparams_from_range(np.asarray(rng[0]), np.asarray(rng[1]), storage)
-            s_v = _initializer(graph, _unique(graph, f"{x.name}.act_scale"), scale.reshape(()))
-            z_v = _initializer(graph, f"{s_v.name}.zero_point", zp.reshape(()))
+            s_v = add_initializer(graph, f"{x.name}.act_scale", scale.reshape(()))
+            z_v = add_initializer(graph, f"{s_v.name}.zero_point", zp.reshape(()))
             qn = ir.node("QuantizeLinear", [x, s_v, z_v], name=f"{x.name}/act_q")
             dq = ir.node("DequantizeLinear", [qn.outputs[0], s_v, z_v], name=f"{x.name}/act_dq")
             qn.outputs[0].name, dq.outputs[0].name = f"{x.name}.q", f"{x.name}.dq"
@@ -176,10 +162,11 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         w = weight_array(layer)
         packed, scales, zps = pack_matmulnbits(w, spec)
         # Named after the float weight it replaces (short); the layer name stays on the node.
-        base = _unique(graph, f"{layer.weight.name}_q4")
-        inputs = [layer.node.inputs[0], _initializer(graph, base, packed), _initializer(graph, f"{base}.scales", scales)]
+        b_v = add_initializer(graph, f"{layer.weight.name}_q4", packed)
+        base = b_v.name
+        inputs = [layer.node.inputs[0], b_v, add_initializer(graph, f"{base}.scales", scales)]
         if zps is not None:
-            inputs.append(_initializer(graph, f"{base}.zero_points", zps))
+            inputs.append(add_initializer(graph, f"{base}.zero_points", zps))
         k, n = w.shape
         new = ir.node(
             "MatMulNBits", inputs, domain=MS_DOMAIN, name=layer.name,

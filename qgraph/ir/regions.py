@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ir.rewrite import add_initializer
+
 Role = Literal["block", "lm_head"]
 _BLOCK_NAME = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
 
@@ -448,11 +450,7 @@ def unshare(graph: ir.Graph, region: Region) -> Region:
     """
     copies: dict[int, ir.Value] = {}
     for value in region.shared:
-        array = value.const_value.numpy().copy()
-        name = _fresh_name(graph, value.name)
-        copy = ir.Value(name=name, shape=ir.Shape(array.shape), type=value.type, const_value=ir.tensor(array, name=name))
-        graph.register_initializer(copy)
-        copies[id(value)] = copy
+        copies[id(value)] = add_initializer(graph, f"{value.name}.copy", value.const_value.numpy().copy())
     sources = []
     for source in region.sources:
         for node in {id(n): n for n in (source.node, source.bias_node) if n is not None}.values():
@@ -462,13 +460,6 @@ def unshare(graph: ir.Graph, region: Region) -> Region:
         fields = {f: getattr(source, f) for f in ("gamma", "beta", "bias")}
         sources.append(dataclasses.replace(source, **{f: copies[id(v)] for f, v in fields.items() if id(v) in copies}))
     return dataclasses.replace(region, sources=sources, shared=[])
-
-
-def _fresh_name(graph: ir.Graph, base: str) -> str:
-    k = 1
-    while f"{base}.{k}" in graph.initializers:
-        k += 1
-    return f"{base}.{k}"
 
 
 # ---- following the channels -----------------------------------------------------------------

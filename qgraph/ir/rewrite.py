@@ -10,11 +10,15 @@ import numpy as np
 import onnx_ir as ir
 
 
-def _unique_name(graph: ir.Graph, base: str) -> str:
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register `array` as a new initializer named `base` (suffixed _1, _2, ... if taken)."""
     name, i = base, 1
     while name in graph.initializers:
         name, i = f"{base}_{i}", i + 1
-    return name
+    tensor = ir.tensor(array, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
 
 
 def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, *, suffix: str = "rewritten") -> ir.Value:
@@ -26,10 +30,7 @@ def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.nda
         old.const_value = ir.tensor(array, name=old.name)
         old.shape = ir.Shape(array.shape)
         return old
-    name = _unique_name(graph, f"{old.name}.{suffix}")
-    new = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(old.dtype),
-                   const_value=ir.tensor(array, name=name))
-    graph.register_initializer(new)
+    new = add_initializer(graph, f"{old.name}.{suffix}", array)
     node.replace_input_with(index, new)
     return new
 
@@ -50,10 +51,7 @@ def set_linear_weight(graph: ir.Graph, layer, w: np.ndarray) -> None:
     elif node.inputs[1].const_value is not None:
         layer.weight = set_constant_input(graph, node, 1, w)
     else:  # MatMul(x, Transpose(table)): a tied weight; this layer gets its own untied copy
-        name = _unique_name(graph, f"{layer.name}.weight_untied")
-        new = ir.Value(name=name, shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                       const_value=ir.tensor(np.ascontiguousarray(w, dtype=np.float32), name=name))
-        graph.register_initializer(new)
+        new = add_initializer(graph, f"{layer.name}.weight_untied", np.ascontiguousarray(w, dtype=np.float32))
         node.replace_input_with(1, new)
         layer.weight, layer.transposed = new, False
 
