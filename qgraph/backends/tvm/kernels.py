@@ -204,8 +204,99 @@ def schedule_cpu(func, *, decode: bool):
         sch.unroll(jv)
         sch.unroll(ii)
         sch.decompose_reduction(blk, k)
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _extent(func, axis: str) -> int:
+    """N or K of a kernel from its weight buffer (w is [K-words or K, N])."""
+    shape = func.params[1].ty.shape
+    return int(shape[1] if axis == "n" else shape[0])
 
 
 def _block_names(sch) -> set[str]:
     return {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+
+
+# ---------------------------------------------------------------- CUDA schedules
+
+GPU_THREADS_N = 64  # threadIdx.x over output channels: consecutive words of w, coalesced
+GPU_THREADS_K = 8  # threadIdx.y splits K; partial sums meet in a cross-thread reduction
+
+
+def schedule_cuda_gemv(func):
+    """Decode (few rows) on CUDA: threads over N, K split across threadIdx.y, rfactor + cross-thread sum.
+
+    Written by hand: dlight.gpu.GEMV schedules K-major ("outer reduction") weights only for opencl
+    and metal, and these kernels keep words along N so the CPU vectorizes over output channels.
+    """
+    _tvm()
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    names = _block_names(sch)
+    if "decode" in names:
+        sch.compute_inline(sch.get_sblock("decode"))
+    blk = sch.get_sblock("matmul")
+    i, j, k = sch.get_loops(blk)
+    # threadIdx.x must divide N: the cross-thread reduction's write-back is emitted without the
+    # bounds guard a tail would need (checked in the CUDA source), so odd N get fewer threads.
+    threads_n = next(t for t in (GPU_THREADS_N, 32, 16, 8, 4, 2, 1) if _extent(func, "n") % t == 0)
+    jo, jt = sch.split(j, [None, threads_n])
+    kt, kr = sch.split(k, [GPU_THREADS_K, None])
+    sch.reorder(jo, jt, kt, i, kr)
+    rf = sch.rfactor(kt, 0)
+    jo, jt, kt, i, kr = sch.get_loops(rf)
+    sch.bind(jo, "blockIdx.x")
+    sch.bind(jt, "threadIdx.x")
+    sch.bind(kt, "threadIdx.y")
+    sch.set_scope(rf, 0, "local")
+    sch.decompose_reduction(rf, kr)
+    sch.reverse_compute_at(blk, jo, preserve_unit_loops=True)
+    kt, i, jt = sch.get_loops(blk)[1:]  # rfactor puts the reduced axis first among the block's iters
+    sch.reorder(i, jt, kt)  # a cross-thread reduction needs its reduction loop innermost
+    sch.bind(jt, "threadIdx.x")
+    sch.bind(kt, "threadIdx.y")
+    if "rescale" in names:
+        sch.set_scope(blk, 0, "local")
+        epi = sch.get_sblock("rescale")
+        sch.reverse_compute_at(epi, jo, preserve_unit_loops=True)
+        sch.bind(sch.get_loops(epi)[-1], "threadIdx.x")
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def schedule_cuda(func, *, decode: bool):
+    """CUDA schedule: the hand GEMV above for decode, dlight's tiled shared-memory Matmul for prefill."""
+    if decode:
+        return schedule_cuda_gemv(func)
+    tvm = _tvm()
+    from tvm.s_tir import dlight as dl
+
+    mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(tvm.IRModule({"main": func}))
+    return mod["main"]
+
+
+def build_cuda(funcs: dict, arch: str = "sm_80") -> tuple[str, bytes]:
+    """Schedule and compile {name: (unscheduled func, decode)} for CUDA: (CUDA source, cubin from nvcc).
+
+    TVM's PyPI build emits CUDA C source only (no NVRTC here), so the source goes through nvcc
+    explicitly; the cubin is what a GPU machine loads without a compiler.
+    """
+    tvm = _tvm()
+    import shutil
+
+    from tvm.support import nvcc
+
+    from qgraph.backends.tvm import cuda_target
+    from qgraph.errors import QGraphError
+
+    if shutil.which("nvcc") is None:
+        raise QGraphError("building the cuda target needs nvcc, which is not on PATH",
+                          "install the CUDA toolkit (nvcc) or use --target llvm")
+    target = cuda_target(arch)
+    with target:
+        scheduled = {name: schedule_cuda(func, decode=decode).with_attr("global_symbol", name)
+                     for name, (func, decode) in funcs.items()}
+        lib = tvm.compile(tvm.IRModule(scheduled), target=target)
+        source = lib.mod.imports[0].inspect_source("")
+        binary = nvcc.compile_cuda(source, target_format="cubin", compiler="nvcc")
+    return source, bytes(binary)
