@@ -60,6 +60,8 @@ def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.nda
 def kernel_for(note: LayerAnnotation) -> str:
     """What ONNX Runtime's CPU provider runs for a QDQ-lowered layer (checked on its optimized graph)."""
     w, a = note.weight, note.activation
+    if "fp4_e2m1" in (w.format, a and a.format):
+        return "standard opset-23 float4e2m1 Q/DQ (no ORT 1.32 CPU kernel: lowering fp4-emulated runs in ORT)"
     if w.format == "int8" and a is not None and a.format in ("int8", "uint8") and a.granularity == "tensor":
         return "QDQ -> MatMulIntegerToFloat (fused int8)"
     return "explicit Q -> DQ + float MatMul (ORT CPU has no fused kernel for this format)"
@@ -86,6 +88,13 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                 self._lower_matmulnbits(model, layer, note)
                 self.lowered[layer.name] = "MatMulNBits"
                 continue
+            if note.lowering == "fp4-emulated":
+                from qgraph.backends.fp4_emulated import lower_fp4_emulated
+
+                self.lowered[layer.name] = lower_fp4_emulated(graph, layer, note, activation_dq)
+                continue
+            if "fp4_e2m1" in (note.weight.format, note.activation and note.activation.format):
+                model.opset_imports[""] = max(23, model.opset_imports.get("", 23))  # float4e2m1 Q/DQ is opset 23
             self._lower_weight_qdq(graph, layer, note.weight)
             if note.activation is not None:
                 self._lower_activation_qdq(graph, layer, note, activation_dq)

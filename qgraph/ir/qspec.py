@@ -22,6 +22,8 @@ FORMATS: dict[str, tuple[type, ir.DataType, float, float]] = {
     "uint4": (ml_dtypes.uint4, ir.DataType.UINT4, 0, 15),
     "fp8_e4m3": (ml_dtypes.float8_e4m3fn, ir.DataType.FLOAT8E4M3FN, -448.0, 448.0),
     "fp8_e5m2": (ml_dtypes.float8_e5m2, ir.DataType.FLOAT8E5M2, -57344.0, 57344.0),
+    # E2M1 grid: 0, 0.5, 1, 1.5, 2, 3, 4, 6 (and negatives); ONNX opset 23 Q/DQ, no ORT 1.32 CPU kernel.
+    "fp4_e2m1": (ml_dtypes.float4_e2m1fn, ir.DataType.FLOAT4E2M1, -6.0, 6.0),
 }
 
 # The meta keys under which annotations live: quantization intent on a node's input edges,
@@ -76,7 +78,7 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
-        return 4 if self.format in ("int4", "uint4") else 8
+        return 4 if self.format in ("int4", "uint4", "fp4_e2m1") else 8
 
     @property
     def storage_dtype(self) -> type:
@@ -118,7 +120,7 @@ class LayerAnnotation:
     layer: str
     weight: QuantSpec
     activation: QuantSpec | None
-    lowering: Literal["qdq", "matmulnbits"] = "qdq"
+    lowering: Literal["qdq", "matmulnbits", "fp4-emulated"] = "qdq"
 
     def describe(self) -> dict:
         return {
