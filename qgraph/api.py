@@ -163,6 +163,8 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
             vocab = int(graph_model.graph.outputs[0].shape[-1]) if graph_model.graph.outputs[0].shape else 1000
             in_shape = graph_model.graph.inputs[0].shape
             length = in_shape[1] if in_shape is not None and isinstance(in_shape[1], int) else 128  # static exports
+            if isinstance(calib, TokenWindows) and length == 128:
+                length = min(length, calib.ctx)  # sentence-length encoder windows are real inputs too
             real = calib.ids[:1, :length] if isinstance(calib, TokenWindows) and calib.ctx >= length else None
             inputs = verification_inputs(vocab, real, length=length)
             result, verdict = check_pass(p, graph_model, inputs, name=name)
@@ -248,18 +250,26 @@ def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows
         return WeightClipSearchPass(windows, w_spec, ratios=tuple(options.get("ratios", DEFAULT_RATIOS)),
                                     sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
     if name == "qsm":
-        from qgraph.passes.qsm import QuantStepMigrationPass
+        from qgraph.passes.qsm import QuantStepMigrationPass, centred_grid
 
-        qmax = float(a_spec.qmax) if a_spec is not None else 127.0
-        return QuantStepMigrationPass(windows, qmax=qmax, clip=float(options.get("clip", 1.0)),
+        qmin, qmax = centred_grid(a_spec)
+        return QuantStepMigrationPass(windows, qmax=qmax, qmin=qmin, clip=float(options.get("clip", 1.0)),
                                       split_threshold=options.get("split_threshold", 8.0),
-                                      max_copies=int(options.get("max_copies", 8)), progress=progress)
+                                      max_copies=int(options.get("max_copies", 8)),
+                                      shift=bool(options.get("shift", False)), progress=progress)
+    if name == "shift":
+        from qgraph.passes.shift import OutlierShiftPass
+
+        return OutlierShiftPass(windows, scale=bool(options.get("scale", True)), steps=int(options.get("steps", 20)),
+                                weight_spec=w_spec, activation_spec=a_spec,
+                                sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
     raise QGraphError(f"recipe {recipe.name}: pass {name!r} is not available", "see qgraph.recipes.PASS_OPTIONS")
 
 
 def calibration_windows_for(model: CapturedModel, calib: CalibConfig) -> TokenWindows:
     """The calibration token windows a CalibConfig describes, tokenized with the model's tokenizer."""
-    return calibration_windows(model.tokenizer, calib.text, windows=calib.windows, ctx=calib.ctx, start=calib.start)
+    return calibration_windows(model.tokenizer, calib.text, windows=calib.windows, ctx=calib.ctx, start=calib.start,
+                               encoder=model.source.get("task") == "encoder")
 
 
 @dataclasses.dataclass
@@ -343,10 +353,20 @@ def _ort_session_checked(make, path: Path, threads: int):
 
 def evaluate(
     target: Any = None, *, text: str | None = None, ctx: int = DEFAULT_CTX, windows: int = DEFAULT_EVAL_WINDOWS,
-    threads: int = 2, progress: bool = True,
+    threads: int = 2, progress: bool = True, sentences: int | None = None,
 ) -> dict:
-    """Perplexity over non-overlapping windows from token 0: {'ppl', 'tokens', 'windows', 'ctx'}."""
+    """Perplexity over non-overlapping windows from token 0: {'ppl', 'tokens', 'windows', 'ctx'}.
+
+    An encoder (manifest task "encoder") gets the sentence-embedding cosine against its float source
+    instead: {'cosine_mean', 'cosine_min', 'sentences', ...} (qgraph.eval.embedding).
+    """
+    from qgraph.eval.embedding import DEFAULT_SENTENCES, encoder_source, evaluate_encoder
     from qgraph.eval.perplexity import perplexity
+
+    source = encoder_source(target)
+    if source is not None:
+        return evaluate_encoder(target, source, text=text, count=sentences or DEFAULT_SENTENCES, threads=threads,
+                                progress=progress)
 
     runner = target if isinstance(target, Runner) else open_runner(target, threads=threads, progress=progress)
     spans = evaluation_windows(runner.tokenizer, text, windows=windows, ctx=ctx)

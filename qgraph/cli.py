@@ -90,14 +90,21 @@ def eval_cmd(
     ctx: int = typer.Option(512, "--ctx", help="Tokens per window."),
     windows: int = typer.Option(16, "--windows", help="Number of non-overlapping windows from token 0."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
+    sentences: int = typer.Option(256, "--sentences", help="Encoders: sentences compared with the float model."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: ppl, tokens, windows."),
 ) -> None:
-    """Perplexity of an artifact or model over non-overlapping token windows."""
+    """Perplexity of an artifact or model over non-overlapping token windows (encoders: embedding cosine)."""
     import qgraph
 
-    result = qgraph.evaluate(target, text=text, ctx=ctx, windows=windows, threads=threads, progress=not as_json)
+    result = qgraph.evaluate(target, text=text, ctx=ctx, windows=windows, threads=threads, progress=not as_json,
+                             sentences=sentences)
     if as_json:
         print(json.dumps(result))
+    elif "cosine_mean" in result:
+        _out().print(
+            f"sentence-embedding cosine vs float: mean [bold]{result['cosine_mean']:.5f}[/], min {result['cosine_min']:.5f} "
+            f"over {result['sentences']} sentences (mean-pooled; {result['runtime']}: {result['model']})"
+        )
     else:
         _out().print(
             f"perplexity [bold]{result['ppl']:.4f}[/] over {result['tokens']} scored predictions "

@@ -22,16 +22,31 @@ def tiny_llama(tie: bool = True, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_bert(seed: int = 0):
+def tiny_bert(seed: int = 0, vocab: int = 200):
     """A 2-layer BERT encoder (LayerNorm + Linear with bias), random weights."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=128,
     )
     return BertModel(config, add_pooling_layer=False).eval()
+
+
+def tiny_bert_affine(seed: int = 0):
+    """tiny_bert() with random biases and LayerNorm affines (none zero, none deduplicated), captured to onnx_ir."""
+    import qgraph
+    from qgraph.ir.capture import EncoderHidden
+
+    module = tiny_bert(seed)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ids = torch.arange(12).reshape(1, 12) % 200
+    return qgraph.load(EncoderHidden(module), example_inputs=(ids,), progress=False).model
 
 
 @pytest.fixture(scope="session")

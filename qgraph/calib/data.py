@@ -19,6 +19,10 @@ DEFAULT_CTX = 512
 DEFAULT_EVAL_WINDOWS = 16
 DEFAULT_CALIB_WINDOWS = 8
 DEFAULT_CALIB_START = 8192
+# Encoders are calibrated on sentence-length rows, each [CLS] ... [SEP]: attention over 512 tokens
+# spreads thinner than over a sentence, so 512-token windows under-state the ranges sentences reach
+# (measured on all-MiniLM-L6-v2, w8a8-qsm: embedding cosine 0.986 with 8 x 512, 0.993 with 64 x 64).
+ENCODER_CTX = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +97,28 @@ def evaluation_windows(tokenizer, text_path=None, *, windows: int = DEFAULT_EVAL
 
 def calibration_windows(
     tokenizer, text_path=None, *, windows: int = DEFAULT_CALIB_WINDOWS, ctx: int = DEFAULT_CTX,
-    start: int | None = None,
+    start: int | None = None, encoder: bool = False,
 ) -> TokenWindows:
-    """Calibration windows: non-overlapping, from token 8,192 of the default text (token 0 of any other)."""
+    """Calibration windows: non-overlapping, from token 8,192 of the default text (token 0 of any other).
+
+    encoder=True keeps the token budget (windows x ctx) but cuts it into rows of at most ENCODER_CTX
+    tokens, each wrapped in the tokenizer's special tokens, as an encoder reads a sentence.
+    """
     ids, text = tokenize_text(tokenizer, text_path)
     if start is None:
         start = DEFAULT_CALIB_START if text_path is None else 0
-    return _windows(ids, text, start, windows, ctx, "calibration", "--calib-windows")
+    if not encoder:
+        return _windows(ids, text, start, windows, ctx, "calibration", "--calib-windows")
+    head, tail = special_tokens(tokenizer)
+    row = min(ctx, ENCODER_CTX)
+    inner = _windows(ids, text, start, windows * ctx // row, row - len(head) - len(tail), "calibration", "--calib-windows")
+    rows = np.concatenate([np.tile(head, (inner.count, 1)), inner.ids, np.tile(tail, (inner.count, 1))], axis=1)
+    return TokenWindows(rows.astype(np.int64), start, text)
+
+
+def special_tokens(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The ids the tokenizer puts before and after a text ([CLS] and [SEP] for BERT), found by tokenizing 'a'."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return np.asarray(full[:at], dtype=np.int64), np.asarray(full[at + len(plain):], dtype=np.int64)

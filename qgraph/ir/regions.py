@@ -442,6 +442,54 @@ def _other_readers(value: ir.Value, own: set[int]) -> list[ir.Node]:
     return [n for n, _ in value.uses() if id(n) not in own]
 
 
+def linear_bias(layer: LinearLayer) -> tuple[ir.Value | None, ir.Node | None]:
+    """The constant bias added right after a linear (Gemm's C or a lone Add) and the node adding it."""
+    _, bias, node = _bias_after(layer)
+    return bias, node
+
+
+# Ops a channel-wise shift passes unchanged: data movement only (anything scaling or mixing values
+# would change the shift; Softmax(..) x V is handled apart, its rows sum to one).
+_SHIFT_MOVES = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Dropout"}
+
+
+def _softmax_rows(value: ir.Value) -> bool:
+    """True when value is Softmax over its last axis, possibly behind Where(IsNaN(p), 0, p) / Dropout / Cast."""
+    node = value.producer()
+    while node is not None and node.op_type in ("Where", "Dropout", "Identity", "Cast"):
+        if node.op_type == "Where":  # SDPA's guard for fully masked rows: Where(IsNaN(p), 0, p)
+            zero = node.inputs[1].const_value
+            if zero is None or np.any(zero.numpy() != 0):
+                return False
+        node = node.inputs[-1 if node.op_type == "Where" else 0].producer()
+    return (node is not None and node.op_type == "Softmax"
+            and node.attributes.get_int("axis", -1) in (-1, _rank(node.outputs[0]) - 1))
+
+
+def shift_refusal(region: Region) -> str | None:
+    """Why the region cannot absorb a channel-wise shift without a new node, or None when it can.
+
+    Sources subtract z through their own bias term (LayerNorm beta, a linear's bias); every sink adds
+    z @ B to its bias; the path must carry a shift unchanged (data movement, Softmax(..) x V).
+    """
+    for src in region.sources:
+        term = src.beta if src.kind == "layernorm" else src.bias if src.kind == "linear" else None
+        if term is None:
+            what = {"layernorm": "LayerNorm without beta", "linear": "linear without bias"}.get(src.kind, src.kind)
+            return (f"source {src.name} ({what}) has no bias term to absorb the shift "
+                    "(a shift would cost a runtime Add: ORT's int8 kernels take one zero point per tensor)")
+    for node in region.path:
+        if node.op_type in _SHIFT_MOVES:
+            continue
+        if node.op_type == "MatMul" and _softmax_rows(node.inputs[0]):
+            continue
+        return f"{node.name} ({node.op_type}) on the path does not carry a shift unchanged"
+    for sink in region.sinks:
+        if linear_bias(sink)[0] is None:
+            return f"sink {sink.name} has no bias to take z @ B (a new Add node would be needed)"
+    return None
+
+
 def unshare(graph: ir.Graph, region: Region) -> Region:
     """Give the region's sources private copies of their shared per-channel constants; returns the updated region.
 

@@ -84,3 +84,40 @@ def scale_region(graph: ir.Graph, region, s: np.ndarray) -> None:
     rows = s[region.sink_index]
     for sink in region.sinks:
         set_linear_weight(graph, sink, weight_array(sink).astype(np.float64) * rows[:, None])
+
+
+def _bias_factor(node: ir.Node) -> float:
+    """How a node scales its bias input: Gemm's beta attribute, 1 for an Add."""
+    return node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
+
+
+def shift_region(graph: ir.Graph, region, z: np.ndarray):
+    """Subtract z from the region's channels at its sources and add z @ B to every sink's bias (exact in float).
+
+    Source channel c leaves the sources as X_c - z_c (LayerNorm beta or the linear's bias takes -z);
+    each sink adds z[sink_index] @ B to its bias, with B as it is now, so shift before scaling.
+    The caller checks qgraph.ir.regions.shift_refusal first. Returns the region with its updated
+    source constants (shared ones are copied first, so no other node sees the change).
+    """
+    import dataclasses
+
+    from qgraph.ir.regions import linear_bias, unshare, weight_array
+
+    z = np.asarray(z, dtype=np.float64)
+    region = unshare(graph, region)
+    rows = z[region.sink_index]
+    for sink in region.sinks:
+        bias, node = linear_bias(sink)
+        b = bias.const_value.numpy().astype(np.float64)
+        alpha = node.attributes.get_float("alpha", 1.0) if node.op_type == "Gemm" else 1.0
+        moved = alpha * (rows @ weight_array(sink).astype(np.float64)) / _bias_factor(node)
+        set_constant_input(graph, node, input_index(node, bias), b + moved.reshape(b.shape), suffix="shifted")
+    sources = []
+    for src in region.sources:
+        field, node = ("beta", src.node) if src.kind == "layernorm" else ("bias", src.bias_node)
+        value = getattr(src, field)
+        old = value.const_value.numpy().astype(np.float64)
+        new = set_constant_input(graph, node, input_index(node, value), old - z.reshape(old.shape) / _bias_factor(node),
+                                 suffix="shifted")
+        sources.append(dataclasses.replace(src, **{field: new}))
+    return dataclasses.replace(region, sources=sources)

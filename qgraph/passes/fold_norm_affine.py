@@ -1,8 +1,10 @@
 """fold_norm_affine: move a norm's gamma into the linears it feeds (QuaRot's "fuse layer norms").
 
 For a norm -> linears region, sink rows B <- diag(gamma) B and gamma <- 1, which is the region
-scale with s = gamma. A LayerNorm with a non-zero beta also needs bias += beta @ B on every sink,
-which qgraph does not fold yet: such regions are refused with that reason.
+scale with s = gamma. A LayerNorm with a non-zero beta first moves it into the sinks' biases:
+bias <- bias + beta @ B with the original B (the OS+ shift with z = beta), so beta <- 0. That
+needs a bias on every sink; a sink MatMul without one would need a new Add node, so such a
+region is refused with that reason.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ir.regions import find_regions
-from qgraph.ir.rewrite import scale_region
+from qgraph.ir.regions import find_regions, shift_refusal
+from qgraph.ir.rewrite import scale_region, shift_region
 
 
 class FoldNormAffinePass(ir.passes.InPlacePass):
-    """Fold every pre-norm's gamma into its sink weights, leaving gamma = 1."""
+    """Fold every pre-norm's gamma (and LayerNorm beta) into its sinks, leaving gamma = 1 and beta = 0."""
 
     function_preserving = True
 
@@ -31,14 +33,17 @@ class FoldNormAffinePass(ir.passes.InPlacePass):
                 continue
             source = region.sources[0]
             gamma = source.gamma.const_value.numpy().astype(np.float64)
+            has_beta = source.beta is not None and bool(np.any(source.beta.const_value.numpy() != 0))
             reason = None
-            if source.beta is not None and np.any(source.beta.const_value.numpy() != 0):
-                reason = "LayerNorm beta needs bias += beta @ B on every sink; not folded yet"
-            elif np.any(gamma == 0):
+            if np.any(gamma == 0):
                 reason = "gamma has zero entries: the channel is dead and the fold would divide by zero"
+            elif has_beta and shift_refusal(region):
+                reason = f"LayerNorm beta cannot move into the sink biases: {shift_refusal(region)}"
             if reason:
                 self.refused.append({"candidate": region.name, "reason": reason})
                 continue
+            if has_beta:  # bias += beta @ B with B before the gamma scaling; beta - beta = 0
+                region = shift_region(model.graph, region, source.beta.const_value.numpy().reshape(-1))
             scale_region(model.graph, region, gamma)  # sources / gamma -> gamma = 1; sink rows * gamma
             self.folded.append(region.name)
         return ir.passes.PassResult(model, modified=bool(self.folded))

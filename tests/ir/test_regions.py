@@ -16,9 +16,8 @@ import torch
 
 import qgraph
 from qgraph.backends.onnx_qdq import session_from_model
-from qgraph.ir.capture import EncoderHidden
 from qgraph.ir.regions import Region, find_regions, unshare
-from tests.conftest import tiny_bert
+from tests.conftest import tiny_bert_affine
 
 
 def _run(model: ir.Model, x: np.ndarray) -> np.ndarray:
@@ -174,14 +173,7 @@ def test_llama_vo_needs_the_gqa_index(llama, llama_regions):
 @pytest.fixture(scope="module")
 def bert():
     """tiny_bert() with random biases and LayerNorm affines, so bias scaling is tested (and not deduplicated)."""
-    module = tiny_bert()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("bias") or "LayerNorm" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-    ids = torch.arange(12).reshape(1, 12) % 200
-    return qgraph.load(EncoderHidden(module), example_inputs=(ids,), progress=False).model
+    return tiny_bert_affine()
 
 
 def test_bert_regions_and_rejections(bert):
