@@ -104,9 +104,10 @@ def embedding_cosine(forward: Forward, reference: Forward, tokenizer, texts: lis
 
 
 def encoder_source(target: Any) -> dict | None:
-    """The source description when `target` is an encoder (artifact, .onnx in one, compiled/captured model), else None."""
+    """The source description when `target` is an encoder (artifact, .onnx in one, compiled/captured model,
+    Hugging Face dir or alias), else None."""
     from qgraph.api import CompiledModel, Runner
-    from qgraph.ir.capture import MANIFEST, CapturedModel
+    from qgraph.ir.capture import MANIFEST, CapturedModel, alias_location, causal_lm
 
     if isinstance(target, CompiledModel | CapturedModel):
         source = target.source
@@ -114,11 +115,18 @@ def encoder_source(target: Any) -> dict | None:
         return None
     else:
         path = Path(target)
+        if not path.exists():
+            path = alias_location(str(target)) or path
         manifest = path / MANIFEST if path.is_dir() else path.parent / MANIFEST
-        if not manifest.is_file():
+        if manifest.is_file():
+            data = json.loads(manifest.read_text())
+            source = dict(data.get("source", {}), task=data.get("task", "causal-lm"))
+        elif path.is_dir() and (path / "config.json").is_file():  # the float model itself: compared with itself
+            config = json.loads((path / "config.json").read_text())
+            encoder = not causal_lm(config.get("architectures") or [], config.get("model_type"))
+            source = {"path": str(path), "task": "encoder" if encoder else "causal-lm"}
+        else:
             return None
-        data = json.loads(manifest.read_text())
-        source = dict(data.get("source", {}), task=data.get("task", "causal-lm"))
     return source if source.get("task") == "encoder" else None
 
 

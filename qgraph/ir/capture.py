@@ -185,9 +185,7 @@ def _load_transformers(
             "pass a directory with config.json and safetensors, or a transformers-readable .gguf",
         ) from None
     archs = list(getattr(config, "architectures", None) or [])
-    is_causal = any(a.endswith("ForCausalLM") for a in archs) or config.model_type in (
-        "llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gemma", "gemma2", "smollm3",
-    )
+    is_causal = causal_lm(archs, config.model_type)
     # transformers' GGUF loader draws its own tqdm bars (tqdm reads TQDM_DISABLE only at import):
     # qgraph shows one spinner instead, so the loader's stderr is captured.
     try:
@@ -221,6 +219,13 @@ def _load_transformers(
     wrapper = CausalLMLogits(module) if is_causal else EncoderHidden(module)
     captured = CapturedModel(None, tokenizer, source, wrapper)
     return captured.exported(progress=progress) if export else captured
+
+
+def causal_lm(architectures: list[str], model_type: str | None) -> bool:
+    """True when a transformers config describes a causal LM (captured as logits), False for an encoder."""
+    return any(a.endswith("ForCausalLM") for a in architectures) or model_type in (
+        "llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gemma", "gemma2", "smollm3",
+    )
 
 
 def _vocab_size(module: torch.nn.Module) -> int:

@@ -88,3 +88,5 @@ def test_eval_reports_embedding_cosine_for_encoder_artifacts(bert_dir, text_file
     table = CliRunner().invoke(app, ["eval", str(w8a8), "--sentences", "30"])
     assert table.exit_code == 0, table.output
     assert f"mean {result['cosine_mean']:.5f}" in table.output and "over 30 sentences" in table.output
+    own = qgraph.evaluate(bert_dir, progress=False, sentences=10)  # the float model dir: compared with itself
+    assert own["metric"] == "embedding_cosine" and own["cosine_min"] == pytest.approx(1.0)
