@@ -16,6 +16,11 @@ from qgraph.calib.data import TokenWindows
 from qgraph.progress import track
 
 CALIB_THREADS = 2
+# The first positions of every window are always among the kept samples: causal LMs park huge
+# activations there (attention sinks, |x| ~ 20x the rest on SmolLM2's MLP inputs), and a weight
+# search that never sees them clips exactly the rows those tokens need. Measured on SmolLM2 (AWQ +
+# int4 g128 clip search, 4 eval windows): 32.66 perplexity without these rows, 28.43 with them.
+SINK_POSITIONS = 4
 
 
 @dataclasses.dataclass
@@ -32,10 +37,17 @@ class ChannelStats:
     def empty(cls, channels: int) -> ChannelStats:
         return cls(np.full(channels, np.inf), np.full(channels, -np.inf), np.zeros(channels), 0)
 
-    def update(self, x: np.ndarray, sample_stride: int = 0) -> None:
-        x2 = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    def update(self, x: np.ndarray, sample_stride: int = 0, sink_positions: int = 0) -> None:
+        """Fold one window's activations [..., T, C] in; keep every sample_stride-th row and the first sink_positions."""
+        x = np.asarray(x, dtype=np.float32)
+        x2 = x.reshape(-1, x.shape[-1])
         if sample_stride:
-            self.samples.append(x2[sample_stride // 2 :: sample_stride].copy())
+            rows = np.arange(sample_stride // 2, x2.shape[0], sample_stride)
+            if sink_positions and x.ndim >= 2:
+                seq = x.shape[-2]
+                starts = np.arange(0, x2.shape[0], seq)[:, None] + np.arange(min(sink_positions, seq))[None, :]
+                rows = np.union1d(starts.reshape(-1), rows)
+            self.samples.append(x2[rows].copy())
         self.min = np.minimum(self.min, x2.min(axis=0))
         self.max = np.maximum(self.max, x2.max(axis=0))
         self.abs_sum += np.abs(x2).sum(axis=0, dtype=np.float64)
@@ -76,8 +88,9 @@ def collect_stats(
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of the named values over the calibration windows.
 
-    sample_tokens > 0 also keeps about that many evenly spaced token rows of each value, for
-    searches (smoothing strength, clipping) that need real activations, not just ranges.
+    sample_tokens > 0 also keeps about that many evenly spaced token rows of each value, plus the
+    first SINK_POSITIONS positions of every window, for searches (smoothing strength, clipping)
+    that need real activations, not just ranges.
     """
     from qgraph.backends.onnx_qdq import session_with_outputs
 
@@ -93,7 +106,7 @@ def collect_stats(
         for name, arr in zip(wanted, outs, strict=True):
             if name not in stats:
                 stats[name] = ChannelStats.empty(arr.shape[-1])
-            stats[name].update(arr, stride)
+            stats[name].update(arr, stride, SINK_POSITIONS if stride else 0)
     return stats
 
 

@@ -21,10 +21,12 @@ PASS_OPTIONS: dict[str, set[str]] = {
     "awq": {"alpha", "grid", "sample_tokens"},
     "clip_search": {"ratios", "sample_tokens"},
     "fold_norm_affine": set(),
+    "exp_bias": {"max_shift", "targets", "clips", "sample_tokens"},
 }
 _LAYER_KEYS = {"select", "skip"}
 _WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
 _ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer"}
+_EMBEDDING_KEYS = {"format", "granularity", "group_size"}
 _HEAD_KEYS = {"weights", "activations", "lowering"}
 
 
@@ -58,7 +60,8 @@ class Recipe:
     description: str
     blocks: LayerRule | None
     lm_head: LayerRule | None
-    embedding: str = "float"
+    embedding: TensorRule | None = None  # None: the token table stays float
+    lm_head_tied: bool = False  # lm_head reads the quantized embedding table (one stored copy)
     select: str = "block-linears"
     skip: tuple[str, ...] = ()
     passes: tuple[tuple[str, dict], ...] = ()
@@ -66,7 +69,7 @@ class Recipe:
 
     @property
     def quantizes(self) -> bool:
-        return self.blocks is not None or self.lm_head is not None
+        return self.blocks is not None or self.lm_head is not None or self.embedding is not None
 
     @property
     def needs_calibration(self) -> bool:
@@ -129,8 +132,8 @@ def _layer_rule(d: Any, where: str, origin: str) -> LayerRule | None:
         return None
     d = _check_keys(d, _HEAD_KEYS, where, origin)
     lowering = d.get("lowering", "qdq")
-    if lowering not in ("qdq", "matmulnbits"):
-        raise QGraphError(f"recipe {origin}: unknown lowering {lowering!r} in {where}", "use qdq or matmulnbits")
+    if lowering not in ("qdq", "matmulnbits", "fp4-emulated"):
+        raise QGraphError(f"recipe {origin}: unknown lowering {lowering!r} in {where}", "use qdq, matmulnbits or fp4-emulated")
     prefix = "" if where == "the blocks" else f"{where}."
     rule = LayerRule(
         _tensor_rule(d.get("weights"), f"{prefix}weights", origin, _WEIGHT_KEYS),
@@ -144,6 +147,9 @@ def _layer_rule(d: Any, where: str, origin: str) -> LayerRule | None:
                                            or rule.weights.granularity != "group"):
         raise QGraphError(f"recipe {origin}: lowering matmulnbits in {where} is int4 group weight-only",
                           "use weights {format: int4, granularity: group} with no activations, or lowering: qdq")
+    if rule.lowering == "fp4-emulated" and any(t and t.format != "fp4_e2m1" for t in (rule.weights, rule.activations)):
+        raise QGraphError(f"recipe {origin}: lowering fp4-emulated in {where} emulates fp4_e2m1 weights and activations",
+                          "use format fp4_e2m1 for both, or lowering: qdq")
     return rule
 
 
@@ -181,15 +187,22 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
     blocks = _layer_rule(
         {k: d[k] for k in ("weights", "activations", "lowering") if k in d}, "the blocks", origin
     )
-    embedding = d.get("embedding", "float")
-    if embedding != "float":
-        raise QGraphError(f"recipe {origin}: embedding {embedding!r} is not supported yet", "use embedding: float")
+    embedding = _tensor_rule(d.get("embedding"), "embedding", origin, _EMBEDDING_KEYS)
+    if embedding is not None and (embedding.format != "int8" or embedding.granularity != "group"):
+        raise QGraphError(f"recipe {origin}: embedding {embedding.format} {embedding.granularity} is not supported",
+                          "use embedding: {format: int8, granularity: group, group_size: 32}, or float")
+    tied = d.get("lm_head") == "tied"
+    if tied and embedding is None:
+        raise QGraphError(f"recipe {origin}: lm_head: tied reads the quantized embedding table, but embedding is float",
+                          "quantize the table (embedding: {format: int8, granularity: group, group_size: 32}) "
+                          "or set lm_head: float")
     return Recipe(
         name=str(d.get("name", Path(origin).stem)),
         description=str(d.get("description", "")),
         blocks=blocks,
-        lm_head=_layer_rule(d.get("lm_head"), "lm_head", origin),
+        lm_head=None if tied else _layer_rule(d.get("lm_head"), "lm_head", origin),
         embedding=embedding,
+        lm_head_tied=tied,
         select=select,
         skip=tuple(layers.get("skip", []) or []),
         passes=_passes(d.get("passes"), origin),

@@ -50,3 +50,13 @@ def test_collect_stats_matches_direct_run(llama_captured):
     acts = np.concatenate([sess.run([names[0]], {"input_ids": r[None]})[0].reshape(-1, 64) for r in ids])
     np.testing.assert_array_equal(stats[names[0]].max, acts.max(0))
     np.testing.assert_array_equal(stats[names[0]].min, acts.min(0))
+
+
+def test_samples_keep_every_windows_first_positions(rng):
+    # Attention-sink tokens (the first positions) carry the largest activations: a search must see them.
+    s = ChannelStats.empty(3)
+    windows = [rng.standard_normal((1, 64, 3)).astype(np.float32) for _ in range(2)]
+    for w in windows:
+        s.update(w, sample_stride=16, sink_positions=4)
+    expected = np.concatenate([w[0, [0, 1, 2, 3, 8, 24, 40, 56]] for w in windows])
+    np.testing.assert_array_equal(s.sample_rows, expected)

@@ -1,0 +1,77 @@
+"""Quantized embedding table: GatherBlockQuantized lookups and a tied MatMulNBits lm_head on one stored copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qgraph
+from qgraph.backends.embedding_table import QuantizeEmbeddingPass, quantize_table, table_spec
+from qgraph.backends.onnx_qdq import session_from_model
+from qgraph.errors import QGraphError
+from qgraph.ir.regions import find_embeddings
+from qgraph.quantize import fake_quantize
+from qgraph.recipes import parse_recipe
+from tests.conftest import tiny_llama
+
+
+def test_q8_0_table_comes_back_exactly(rng):
+    # A table stored as int8 blocks of 32 with one scale each (GGUF Q8_0) is reproduced bit for bit.
+    q = rng.integers(-127, 128, size=(10, 96)).astype(np.float32)
+    q[:, ::32] = 127  # every block reaches the end of the grid, as Q8_0's max|x| / 127 scale makes it
+    d = rng.uniform(0.001, 0.05, size=(10, 3, 1)).astype(np.float16).astype(np.float32)
+    table = (q.reshape(10, 3, 32) * d).reshape(10, 96)
+    codes, scales = quantize_table(table, table_spec("int8", 32))
+    back = (codes.astype(np.float32) - 128) * scales.reshape(10, 3, 1)
+    np.testing.assert_array_equal(back.reshape(10, 96), table)
+
+
+def _untied_llama() -> ir.Model:
+    import torch
+
+    ids = torch.arange(16).reshape(1, 16)
+    return qgraph.load(tiny_llama(tie=False), example_inputs=(ids,), progress=False).model
+
+
+@pytest.mark.parametrize("block", [32, 128])  # 128: hidden 64 is one padded (tail) block
+def test_quantized_table_and_tied_head_match_the_dequantized_float_model(block, llama_captured):
+    model = llama_captured.model.clone()
+    table_name = find_embeddings(model)[0][1].inputs[0].name
+    table = model.graph.initializers[table_name].const_value.numpy()
+    reference = model.clone()
+    reference.graph.initializers[table_name].const_value = ir.tensor(
+        fake_quantize(table, table_spec("int8", block)), name=table_name)
+
+    p = QuantizeEmbeddingPass(table_spec("int8", block), tie_lm_head=True)
+    p(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 1 and "Gather" not in ops
+    assert table_name not in model.graph.initializers  # the float table is gone ...
+    stored = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.UINT8]
+    assert len(stored) == 1  # ... and its codes are stored once, for both readers
+    info = p.summary()["tables"][table_name]
+    blocks = -(-table.shape[1] // block)
+    assert info["lm_head"] and info["stored_bytes"] == table.shape[0] * blocks * (block + 4)  # codes + one scale a block
+
+    ids = np.random.default_rng(0).integers(0, 256, size=(1, 16), dtype=np.int64)
+    feed = {model.graph.inputs[0].name: ids}
+    want = session_from_model(reference, threads=1).run(None, feed)[0]
+    got = session_from_model(model, threads=1).run(None, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_head_needs_a_tied_model():
+    with pytest.raises(QGraphError, match="does not read the embedding table"):
+        QuantizeEmbeddingPass(table_spec("int8", 32), tie_lm_head=True)(_untied_llama())
+
+
+def test_recipe_tied_head_needs_a_quantized_table():
+    with pytest.raises(QGraphError, match="lm_head: tied reads the quantized embedding table"):
+        parse_recipe({"weights": {"format": "int8"}, "lm_head": "tied"}, "r.yaml")
+    with pytest.raises(QGraphError, match="block size 24 .* power of two"):
+        table_spec("int8", 24)
+    with pytest.raises(QGraphError, match="embedding int4 group is not supported"):
+        parse_recipe({"embedding": {"format": "int4", "granularity": "group", "group_size": 32}}, "r.yaml")
+    r = parse_recipe({"embedding": {"format": "int8", "granularity": "group", "group_size": 32}, "lm_head": "tied"}, "r")
+    assert r.lm_head_tied and r.embedding.group_size == 32 and r.lm_head is None
