@@ -117,3 +117,34 @@ def test_full_range_maps_largest_magnitude_to_qmin():
         assert np.abs(dequantize(q, scale, zp, spec) - x).max() <= abs(float(scale)) + 1e-6
     with pytest.raises(Exception, match="full_range applies to symmetric signed"):
         QuantSpec("uint4", "tensor", full_range=True)
+
+
+FP4_SPECS = [
+    QuantSpec("fp4_e2m1", "tensor"),
+    QuantSpec("fp4_e2m1", "channel", axis=1),
+    QuantSpec("fp4_e2m1", "block", axis=0, block_size=16),
+]
+
+
+@pytest.mark.parametrize("spec", FP4_SPECS, ids=lambda s: s.describe().replace(" ", "-"))
+def test_fp4_reference_matches_onnx_opset23_qdq(spec: QuantSpec):
+    """ORT 1.32 has no float4e2m1 kernel: the onnx reference evaluator runs the standard opset-23 Q/DQ instead."""
+    from onnx.reference import ReferenceEvaluator
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((70, 48)) * rng.uniform(0.1, 4, size=48)).astype(np.float32)
+    x[3, 5], x[4, 6], x[5, 7] = 9.5, -0.0, 1e-7  # an outlier, negative zero, a value that rounds to zero
+    lo, hi = tensor_range(x, spec)
+    scale, zp = qparams_from_range(lo, hi, spec)
+    ref_q = quantize(x, scale, zp, spec)
+    ref_y = dequantize(ref_q, scale, zp, spec)
+    model = _qdq_graph(x, spec, scale, zp)
+    model.graph.opset_imports[""] = 23
+    got_q, got_y = ReferenceEvaluator(ir.serde.serialize_model(model)).run(None, {"x": x})
+    np.testing.assert_array_equal(np.asarray(got_q).astype(np.float32), ref_q.astype(np.float32))
+    # Equal values; the onnx reference evaluator writes -0.0 as +0 (ml_dtypes and the emulated lowering keep the sign).
+    np.testing.assert_array_equal(got_y, ref_y)
+    # E2M1 keeps one mantissa bit: within a quarter of |x| relative, plus the subnormal step 0.5 * scale / 2 near zero.
+    step = np.abs(np.broadcast_to(dequantize(np.full(ref_q.shape, 0.5, ref_q.dtype), scale, zp, spec), x.shape))
+    assert np.all(np.abs(ref_y - x) <= np.abs(x) * 2**-2 + step / 2 + 1e-7)
+    assert spec.bits == 4 and set(np.unique(np.abs(ref_q.astype(np.float32)))) <= {0, 0.5, 1, 1.5, 2, 3, 4, 6}

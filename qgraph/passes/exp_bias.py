@@ -96,8 +96,9 @@ class ExponentBiasPass(ir.passes.InPlacePass):
         x = stats.sample_rows
         reference = [x @ w for w in weights]
         live = absmax[absmax > 0]
-        shifts = [exponent_shifts(absmax, float(np.quantile(live, t)) if live.size else 0.0, self.max_shift)
-                  for t in self.targets]
+        candidates = (exponent_shifts(absmax, float(np.quantile(live, t)) if live.size else 0.0, self.max_shift)
+                      for t in self.targets)
+        shifts = list({k.tobytes(): k for k in candidates}.values())  # targets that give the same k are tried once
         # Quantized sink weights per candidate, computed once: the clip search reuses them.
         cache: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
 

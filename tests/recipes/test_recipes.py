@@ -44,6 +44,15 @@ def test_nested_typo_and_bad_values(tmp_path):
     p.write_text("weights:\n  format: int8\nactivations:\n  format: int8\nlowering: matmulnbits\n")
     with pytest.raises(QGraphError, match="matmulnbits"):
         load_recipe(p)
+    p.write_text("weights:\n  format: int8\nlowering: fp4-emulated\n")
+    with pytest.raises(QGraphError, match="fp4-emulated in the blocks emulates fp4_e2m1"):
+        load_recipe(p)
     p.write_text("weights: [1, 2\n")
     with pytest.raises(QGraphError, match="not valid YAML"):
         load_recipe(p)
+
+
+def test_fp4_comparison_recipe_differs_only_in_the_reparameterization():
+    fp4, plain = load_recipe("fp4"), load_recipe("fp4-noreparam")
+    assert fp4.blocks == plain.blocks and fp4.blocks.lowering == "fp4-emulated"
+    assert fp4.passes == (("exp_bias", {"max_shift": 4}),) and plain.passes == (("exp_bias", {"max_shift": 0}),)
