@@ -39,8 +39,10 @@ def compile_cmd(
     verify: bool = typer.Option(False, "--verify", help="Prove every function-preserving pass keeps the float outputs."),
     report: bool = typer.Option(False, "--report", help="Also write report.md and sqnr.png (per-layer SQNR)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tvm (needs pip install 'qgraph[tvm]')."),
+    target: str = typer.Option("llvm", "--target", help="TVM target: llvm (this CPU)."),
 ) -> None:
-    """Capture MODEL, apply RECIPE and write an ONNX Runtime artifact directory."""
+    """Capture MODEL, apply RECIPE and write an ONNX Runtime (or TVM) artifact directory."""
     import qgraph
 
     progress = not quiet
@@ -48,6 +50,12 @@ def compile_cmd(
 
     recipe_obj = qgraph.load_recipe(recipe)  # fail fast on a bad recipe or output, before a long export
     check_output_dir(out)
+    if backend not in ("onnxruntime", "tvm"):
+        raise QGraphError(f"unknown backend {backend!r}", "use --backend onnxruntime or --backend tvm")
+    if backend == "tvm":
+        from qgraph.backends.tvm import require_tvm
+
+        require_tvm()
     t0 = time.perf_counter()
     captured = qgraph.load(model, progress=progress, export=False)
     calib = qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx)
@@ -57,7 +65,12 @@ def compile_cmd(
     capture_s = time.perf_counter() - t0
     compiled = qgraph.compile(captured, recipe=recipe_obj, calib=calib, progress=progress, verify=verify)
     compiled.report["timings_s"]["capture"] = round(capture_s, 3)
-    path = compiled.save(out, progress=progress, report_files=report)
+    if backend == "tvm":
+        from qgraph.backends.tvm.artifact import save_artifact
+
+        path = save_artifact(compiled, out, target=target, progress=progress)
+    else:
+        path = compiled.save(out, progress=progress, report_files=report)
     report = json.loads((path / "report.json").read_text())
     report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     (path / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -147,13 +147,26 @@ def int8_linear(k: int, n: int, *, m: int | None = None, a_dtype: str = "uint8")
     return func.with_attr("global_symbol", f"int8_linear_k{k}_n{n}_{a_dtype}")
 
 
+def f32_linear(k: int, n: int, *, m: int | None = None):
+    """Float linear Y = X @ W with W [K, N] fp32: the same schedules serve float layers (lm_head, fp32 recipe)."""
+    _tvm()
+    from tvm import te
+
+    rows = _rows(m)
+    x = te.placeholder((rows, k), "float32", name="x")
+    w = te.placeholder((k, n), "float32", name="w")
+    r = te.reduce_axis((0, k), name="k")
+    y = te.compute((rows, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="matmul")
+    return te.create_prim_func([x, w, y], index_dtype_override="int64").with_attr("global_symbol", f"f32_linear_k{k}_n{n}")
+
+
 # ---------------------------------------------------------------- CPU schedules (s_tir, written by hand)
 # dlight's cpu.GEMV rule vectorizes the spatial axis but needs the vector operand in its own
 # buffer and cannot keep a decoded tile for reuse across rows; these two schedules cover
 # decode (few rows: decode inline, vectorized over N) and prefill (many rows: decode an N panel
 # once per thread, then a register-blocked rows x N tile).
 
-DECODE_N = 2 * VEC  # output channels per parallel task in decode
+DECODE_N = 8 * VEC  # output channels per parallel task in decode: long contiguous runs of each weight row
 PANEL_N = 4 * VEC  # output channels per decoded panel in prefill
 ROWS = 4  # rows per register tile in prefill
 
@@ -177,7 +190,7 @@ def schedule_cpu(func, *, decode: bool):
     if decode:
         if "decode" in names:
             sch.compute_inline(sch.get_sblock("decode"))
-        jo, ji = sch.split(j, [None, DECODE_N])
+        jo, ji = sch.split(j, [None, DECODE_N if _extent(func, "n") >= 4 * DECODE_N else 2 * VEC])
         ko, ki = sch.split(k, [None, PACK])
         sch.reorder(jo, i, ko, ki, ji)
         sch.parallel(jo)

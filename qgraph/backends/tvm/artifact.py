@@ -1,0 +1,178 @@
+"""TVM artifacts: build a lowered qgraph graph into one Relax VM library (model.so + params.npz) and run it.
+
+The Relax module holds one function per input length (`seq1`, `seq512`, ...): TVM's ONNX frontend
+imports static shapes well (see lower.py), and a causal LM's logits for a prompt padded on the right
+are the same as unpadded, so a runner pads each call to the next length and slices the logits.
+Weights are parameters, stored once in params.npz (by name) and shared by every length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.backends.tvm import host_target, require_tvm
+from qgraph.backends.tvm import lower as L
+from qgraph.errors import QGraphError
+
+LENGTHS = (1, 512)
+LIBRARY = "model.so"
+PARAMS = "params.npz"
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def lower_to_relax(model: ir.Model, lengths=LENGTHS, target=None, progress: bool = False):
+    """onnx_ir graph (qgraph's ONNX lowering) -> (Relax IRModule with seq<L> functions, params, names per function)."""
+    tvm = require_tvm()
+    from tvm import relax
+
+    from qgraph.progress import status
+
+    target = target or host_target()
+    ir.external_data.load_to_model(model)  # same values, now in memory: clones no longer need the .data file
+    base = _clone(model)
+    counts = L.rewrite_linears(base)
+    keep = L.weight_names(base)
+    functions, params, names, kernels = {}, {}, {}, {}
+    for length in lengths:
+        with status(f"TVM: importing length {length}", enabled=progress):
+            m = _clone(base)
+            L.fix_length(m, length)
+            L.inline_constants(m, keep)
+            mod = L.import_onnx(ir.to_proto(m), target)
+        mod, detached = relax.frontend.detach_params(mod)
+        main = mod["main"]
+        fname = f"seq{length}"
+        names[fname] = [str(v.name) for v in main.params[1:]]
+        for name, array in zip(names[fname], detached["main"], strict=True):
+            params.setdefault(name, array)
+        functions[fname] = main.with_attr("global_symbol", fname)
+        for gv, func in mod.functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc):
+                kernels[gv.name_hint] = (gv, func)
+    merged = tvm.IRModule({tvm.ir.GlobalVar(f): func for f, func in functions.items()})
+    for gv, func in kernels.values():
+        merged[gv] = func
+    return merged, params, names, counts
+
+
+def build(mod, target=None):
+    """Compile the Relax module (llvm: the scheduled kernels plus TVM's default CPU lowering for the rest)."""
+    tvm = require_tvm()
+    return tvm.compile(mod, target=target or host_target())
+
+
+def save_artifact(compiled, out_dir: str | Path, *, target: str = "llvm", lengths=LENGTHS, progress: bool = True) -> Path:
+    """Write a TVM artifact directory for a qgraph CompiledModel: model.so, params.npz, tokenizer, manifest, report."""
+    from qgraph.artifact import MANIFEST, REPORT, dir_size, write_atomically, write_json
+    from qgraph.progress import status
+
+    if target != "llvm":
+        raise QGraphError(f"TVM target {target!r} artifacts are not built yet",
+                          "use --target llvm (CUDA kernels build with qgraph.backends.tvm.kernels.build_cuda)")
+    t0 = time.perf_counter()
+    tgt = host_target()
+    mod, params, names, counts = lower_to_relax(compiled.model, lengths, tgt, progress)
+    lower_s = time.perf_counter() - t0
+    with status("TVM: building for llvm", enabled=progress):
+        ex = build(mod, tgt)
+    build_s = time.perf_counter() - t0 - lower_s
+
+    def fill(tmp: Path) -> None:
+        ex.export_library(str(tmp / LIBRARY))
+        np.savez(tmp / PARAMS, **{name: array.numpy() for name, array in params.items()})
+        if compiled.tokenizer is not None:
+            compiled.tokenizer.save_pretrained(str(tmp))
+        manifest = compiled.manifest()
+        manifest.update({
+            "backend": "tvm",
+            "model_file": LIBRARY,
+            "tvm": {"target": str(tgt), "params_file": PARAMS, "lengths": list(lengths), "functions": names,
+                    "linears": counts, "tvm_version": _tvm_version()},
+        })
+        write_json(tmp / MANIFEST, manifest)
+        report = dict(compiled.report)
+        report["timings_s"] = dict(report.get("timings_s", {}), tvm_lower=round(lower_s, 3), tvm_build=round(build_s, 3))
+        report["sizes_bytes"] = {"model_files": (tmp / LIBRARY).stat().st_size + (tmp / PARAMS).stat().st_size,
+                                 "artifact_dir": dir_size(tmp)}
+        write_json(tmp / REPORT, report)
+
+    return write_atomically(out_dir, fill)
+
+
+def _tvm_version() -> str:
+    return str(require_tvm().__version__)
+
+
+def open_runner(path: Path, manifest: dict, threads: int = 2):
+    """A qgraph Runner over a TVM artifact: pads each call to the next compiled length."""
+    # The TVM thread pool reads this once, at its first parallel call.
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    tvm = require_tvm()
+    from tvm import relax
+
+    from qgraph.api import Runner
+    from qgraph.ir.capture import load_tokenizer
+
+    info = manifest.get("tvm") or {}
+    library = path / manifest.get("model_file", LIBRARY)
+    try:
+        ex = tvm.runtime.load_module(str(library))
+    except Exception as exc:
+        raise QGraphError(f"TVM cannot load {str(library)!r}: {str(exc).splitlines()[0][:200]}",
+                          "recompile the artifact on this machine (the library is built for its CPU)") from None
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    with np.load(path / info.get("params_file", PARAMS)) as stored:
+        params = {name: tvm.runtime.tensor(stored[name]) for name in stored.files}
+    functions = {int(f.removeprefix("seq")): (vm[f], [params[n] for n in args]) for f, args in info["functions"].items()}
+    lengths = sorted(functions)
+
+    def forward(ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise QGraphError(f"TVM artifact input shape {ids.shape}", "pass token ids shaped [1, T]")
+        length = next((n for n in lengths if n >= ids.shape[1]), None)
+        if length is None:
+            raise QGraphError(f"{ids.shape[1]} tokens exceed the longest compiled length {lengths[-1]}",
+                              "recompile with longer lengths or pass a shorter window")
+        padded = np.zeros((1, length), dtype=np.int64)
+        padded[:, : ids.shape[1]] = ids
+        func, args = functions[length]
+        return func(tvm.runtime.tensor(padded), *args).numpy()[:, : ids.shape[1]]
+
+    vocab = next((o["shape"][-1] for o in manifest.get("outputs", []) if isinstance(o.get("shape", [None])[-1], int)), 1000)
+    return Runner(forward, load_tokenizer(path), manifest.get("recipe", path.name), "tvm-llvm", vocab)
+
+
+def lower_onnx_artifact(src_dir: str | Path, out_dir: str | Path, *, lengths=LENGTHS, progress: bool = True) -> Path:
+    """Build the TVM artifact of an existing ONNX artifact directory (same graph, recipe, tokenizer)."""
+    from qgraph.artifact import read_manifest
+    from qgraph.ir.capture import load_tokenizer
+
+    src = Path(src_dir)
+    manifest = read_manifest(src)
+    if manifest.get("backend") != "onnxruntime":
+        raise QGraphError(f"{str(src)!r} is a {manifest.get('backend')} artifact", "pass an ONNX Runtime artifact directory")
+    report = json.loads((src / "report.json").read_text()) if (src / "report.json").exists() else {}
+    compiled = _ArtifactModel(ir.load(src / manifest.get("model_file", "model.onnx")), load_tokenizer(src), manifest, report)
+    return save_artifact(compiled, out_dir, lengths=lengths, progress=progress)
+
+
+class _ArtifactModel:
+    """The parts of a CompiledModel save_artifact needs, read back from an ONNX artifact."""
+
+    def __init__(self, model, tokenizer, manifest, report):
+        self.model, self.tokenizer, self._manifest = model, tokenizer, manifest
+        self.report = {k: v for k, v in report.items() if k not in ("sizes_bytes",)}
+        self.report.setdefault("timings_s", {})
+
+    def manifest(self) -> dict:
+        return dict(self._manifest)

@@ -1,0 +1,104 @@
+"""Whole-graph lowering to Relax on the tiny Llama: logits match ONNX Runtime per recipe; the artifact round-trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import qgraph  # noqa: E402
+from qgraph.backends.onnx_qdq import session_from_model  # noqa: E402
+from qgraph.backends.tvm import artifact as A  # noqa: E402
+from qgraph.backends.tvm import lower as L  # noqa: E402
+from qgraph.calib.data import TokenWindows  # noqa: E402
+
+LENGTHS = (1, 8)
+# int4 asymmetric (uint4 codes with per-group zero points), nothing else: the zero-point path of Q4Linear.
+W4_ASYM = """name: w4a16-asym
+layers: {select: block-linears, skip: []}
+weights: {format: int4, granularity: group, group_size: 128, symmetric: false}
+lowering: matmulnbits
+lm_head: float
+embedding: float
+"""
+
+
+def _windows() -> TokenWindows:
+    return TokenWindows(np.random.default_rng(9).integers(0, 256, size=(3, 32), dtype=np.int64), 0, "random")
+
+
+@pytest.fixture(scope="module")
+def lowered(llama_captured, tmp_path_factory):
+    """recipe -> (CompiledModel, run(fn_length, ids) on the TVM build); one build per recipe."""
+    cache = {}
+    asym = tmp_path_factory.mktemp("recipes") / "w4a16-asym.yaml"
+    asym.write_text(W4_ASYM)
+
+    def get(recipe):
+        if recipe not in cache:
+            source = {"w4a16-asym": str(asym)}.get(recipe, recipe)
+            compiled = qgraph.compile(llama_captured, source, calib=_windows(), progress=False)
+            mod, params, names, counts = A.lower_to_relax(compiled.model, LENGTHS)
+            vm = tvm.relax.VirtualMachine(A.build(mod), tvm.cpu())
+
+            def run(ids, vm=vm, params=params, names=names):
+                fn = f"seq{ids.shape[1]}"
+                return vm[fn](tvm.runtime.tensor(ids), *[params[n] for n in names[fn]]).numpy()
+
+            cache[recipe] = (compiled, run, counts)
+        return cache[recipe]
+
+    return get
+
+
+def ort_exact(model: ir.Model):
+    """ORT session of the same graph; MatMulNBits at accuracy_level 0 (fp32 activations, as the TVM kernel)."""
+    proto = ir.to_proto(model)
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 0
+    return session_from_model(ir.from_proto(proto), threads=1)
+
+
+@pytest.mark.parametrize("recipe,linear,tol", [
+    ("fp32", "F32Linear", 1e-5),
+    ("w4a16", "Q4Linear", 1e-4),  # tiny K (64, 160) with group 128: every layer ends in a group tail
+    ("w4a16-asym", "Q4Linear", 1e-4),  # packed 4-bit zero points
+    ("w8a8", "Int8Linear", 2e-3),  # ORT's int8 kernel rescales in another order: float rounding only
+])
+def test_logits_match_onnxruntime(lowered, recipe, linear, tol):
+    compiled, run, counts = lowered(recipe)
+    # every block linear goes through qgraph's kernels (14 in the tiny model; + the tied lm_head in float)
+    assert counts == {"Q4Linear": 0, "Int8Linear": 0, "F32Linear": 1} | {linear: 14 + (linear == "F32Linear")}, counts
+    session = ort_exact(compiled.model)
+    rng = np.random.default_rng(3)
+    for length in LENGTHS:
+        ids = rng.integers(0, 256, (1, length)).astype(np.int64)
+        ref = session.run(None, {"input_ids": ids})[0]
+        got = run(ids)
+        assert got.shape == ref.shape
+        assert np.abs(got - ref).max() / np.abs(ref).max() < tol, (recipe, length)
+
+
+def test_refuses_formats_without_a_kernel(llama_captured):
+    compiled = qgraph.compile(llama_captured, "w4a8-qsm", calib=_windows(), progress=False)
+    with pytest.raises(qgraph.errors.QGraphError, match="TVM lowers"):
+        L.rewrite_linears(compiled.model)
+
+
+def test_artifact_roundtrip_pads_to_compiled_length(tmp_path, lowered):
+    compiled, _, _ = lowered("w4a16")
+    out = A.save_artifact(compiled, tmp_path / "tvm", lengths=LENGTHS, progress=False)
+    assert {"model.so", "params.npz", "manifest.json", "report.json"} <= {p.name for p in out.iterdir()}
+    runner = qgraph.api.open_runner(out)
+    assert runner.kind == "tvm-llvm"
+    session = ort_exact(compiled.model)
+    ids = np.random.default_rng(4).integers(0, 256, (1, 5)).astype(np.int64)
+    ref = session.run(None, {"input_ids": ids})[0]
+    got = runner.forward(ids)  # 5 tokens run the length-8 function, right-padded: causal, so logits unchanged
+    assert got.shape == ref.shape and np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    with pytest.raises(qgraph.errors.QGraphError, match="exceed the longest compiled length 8"):
+        runner.forward(np.zeros((1, 9), np.int64))
