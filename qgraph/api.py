@@ -262,7 +262,9 @@ def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows
         from qgraph.passes.qsm import QuantStepMigrationPass, centred_grid
 
         qmin, qmax = centred_grid(a_spec)
-        return QuantStepMigrationPass(windows, qmax=qmax, qmin=qmin, clip=float(options.get("clip", 1.0)),
+        clip = options.get("clip", 1.0)
+        return QuantStepMigrationPass(windows, qmax=qmax, qmin=qmin, clip=clip if clip == "search" else float(clip),
+                                      sample_tokens=int(options.get("sample_tokens", 512)),
                                       split_threshold=options.get("split_threshold", 8.0),
                                       max_copies=int(options.get("max_copies", 8)),
                                       shift=bool(options.get("shift", False)), progress=progress)

@@ -16,7 +16,7 @@ _TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations"
 # Graph passes a recipe may run before annotation, with the options each accepts.
 PASS_OPTIONS: dict[str, set[str]] = {
     "smooth": {"alpha", "grid", "sample_tokens"},
-    "qsm": {"clip", "split_threshold", "max_copies", "shift"},
+    "qsm": {"clip", "split_threshold", "max_copies", "shift", "sample_tokens"},
     "shift": {"scale", "steps", "sample_tokens"},
     "awq": {"alpha", "grid", "sample_tokens"},
     "clip_search": {"ratios", "sample_tokens"},

@@ -12,7 +12,7 @@ from qgraph.calib.stats import collect_stats
 from qgraph.eval.verify import check_pass, verification_inputs
 from qgraph.ir.regions import find_regions
 from qgraph.ir.rewrite import scale_region
-from qgraph.passes.qsm import QuantStepMigrationPass, source_channel_absmax
+from qgraph.passes.qsm import QuantStepMigrationPass, channel_clip_search, source_channel_absmax
 from qgraph.passes.split_channels import split_channels
 
 
@@ -81,3 +81,24 @@ def test_w8a8_qsm_same_nodes_as_w8a8_and_more_accurate(llama_captured):
     err = {name: np.mean([relative_error(r, q) for r, q in zip(ref, run_float(c.model, ids), strict=True)])
            for name, c in (("w8a8", plain), ("w8a8-qsm", qsm))}
     assert err["w8a8-qsm"] < 0.85 * err["w8a8"], err  # measured 0.064 vs 0.084 here; 25.1 vs 53 ppl on SmolLM2
+
+
+def test_channel_clip_search_clips_a_lone_outlier_but_not_a_heavy_tail(rng):
+    # Channel 0: one rare spike far above a tight bulk (clipping it pays); channels 1 and 2: every
+    # value at +-max, exact on the grid unclipped (any clip costs); channel 2 is read by two sink rows.
+    x = np.concatenate([rng.uniform(-1, 1, size=(2000, 1)), rng.choice([-1.0, 1.0], size=(2000, 3))], axis=1)
+    x[7, 0] = 3.0
+    index = np.array([0, 1, 2, 2])
+    absmax = np.array([3.0, 1.0, 1.0])
+    clip = channel_clip_search(x, index, absmax, np.ones(4), qmax=7.0)
+    assert clip[0] < 0.8 and clip[1] == 1.0 and clip[2] == 1.0
+
+
+def test_qsm_clip_search_is_exact_in_float_and_keeps_the_node_count(llama_captured):
+    model = _with_mlp_outliers(llama_captured)
+    nodes_before = sum(1 for _ in model.graph)
+    p = QuantStepMigrationPass(_windows(), clip="search", sample_tokens=64, progress=False)
+    _, verdict = check_pass(p, model, verification_inputs(256, length=16))
+    assert verdict.relative_error < 1e-5 and sum(1 for _ in model.graph) == nodes_before
+    s = p.summary()
+    assert s["regions_migrated"] == 8 and 0.5 <= min(m["mean_clip"] for m in s["regions"].values()) <= 1.0
