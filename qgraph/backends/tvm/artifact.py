@@ -67,7 +67,10 @@ def lower_to_relax(model: ir.Model, lengths=LENGTHS, target=None, progress: bool
 def build(mod, target=None):
     """Compile the Relax module (llvm: the scheduled kernels plus TVM's default CPU lowering for the rest)."""
     tvm = require_tvm()
-    return tvm.compile(mod, target=target or host_target())
+    from qgraph.backends.tvm.pipeline import cpu_pipeline
+
+    target = target or host_target()
+    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
 
 
 def save_artifact(compiled, out_dir: str | Path, *, target: str = "llvm", lengths=LENGTHS, progress: bool = True) -> Path:
