@@ -40,14 +40,16 @@ def test_exponent_shifts_are_bounded_integers():
     assert k.tolist() == [0, 1, 2, 4, 0, -4]
 
 
-def test_exp_bias_is_exact_and_moves_only_powers_of_two(llama_captured):
+@pytest.mark.parametrize("w_spec,a_spec", [(W4, A4), (QuantSpec("fp8_e4m3", "channel", axis=1), QuantSpec("fp8_e4m3", "tensor"))],
+                         ids=["fp4", "fp8"])
+def test_exp_bias_is_exact_and_moves_only_powers_of_two(llama_captured, w_spec, a_spec):
     model = _with_outliers(llama_captured)
     before = {init.name: init.const_value.numpy().copy() for init in model.graph.initializers.values()}
     regions = find_regions(model)[0]
     names = [r.input.name for r in regions]
     stats = collect_stats(model, names, _windows(), progress=False)
     absmax_before = [source_channel_absmax(r, stats[r.input.name].abs_max) for r in regions]
-    p = ExponentBiasPass(_windows(), weight_spec=W4, activation_spec=A4, max_shift=3, progress=False)
+    p = ExponentBiasPass(_windows(), weight_spec=w_spec, activation_spec=a_spec, max_shift=3, progress=False)
     _, verdict = check_pass(p, model, verification_inputs(256, length=16))
     assert verdict.relative_error < 1e-5
     assert p.summary()["regions"] == len(regions) == 8 and p.summary()["channels_shifted"] > 0
@@ -57,7 +59,8 @@ def test_exp_bias_is_exact_and_moves_only_powers_of_two(llama_captured):
     for name in changed:  # every changed constant is the old one times powers of two, no other rounding
         old, new = before[name], model.graph.initializers[name].const_value.numpy()
         ratio = np.log2(np.abs(new[old != 0] / old[old != 0]))
-        assert np.array_equal(ratio, np.round(ratio)) and np.abs(ratio).max() <= 3
+        # A linear may be a sink (rows) of one region and a source (columns) of the next: up to 2 x 3.
+        assert np.array_equal(ratio, np.round(ratio)) and np.abs(ratio).max() <= 6
     # Each region input now has its recorded range; channel maxima moved by exactly 2^-k_c, |k_c| <= 3.
     regions = find_regions(model)[0]
     stats = collect_stats(model, [r.input.name for r in regions], _windows(), progress=False)
@@ -67,8 +70,8 @@ def test_exp_bias_is_exact_and_moves_only_powers_of_two(llama_captured):
         k = np.log2(old / now)
         np.testing.assert_array_equal(k, np.round(k))
         assert np.abs(k).max() <= 3 and -lo == hi <= now.max() * (1 + 1e-6)
-        if chosen["shifted"]:  # the channel spread shrank: outliers came down toward the rest
-            assert now.max() / np.median(now) < old.max() / np.median(old)
+        if old.max() > 8 * np.median(old):  # regions with the injected outliers: their spread shrank
+            assert chosen["shifted"] and now.max() / np.median(now) < old.max() / np.median(old) / 4
 
 
 def test_max_shift_zero_only_calibrates_rho(llama_captured):
