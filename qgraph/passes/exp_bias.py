@@ -72,20 +72,18 @@ class ExponentBiasPass(ir.passes.InPlacePass):
 
         regions, self.refused, stats = region_stats(model, self.windows, progress=self.progress,
                                                     sample_tokens=self.sample_tokens)
-        modified = False
         for region in track(regions, "exponent biases", total=len(regions), enabled=self.progress):
             k, clip, err = self._choose(region, stats[region.input.name])
             s = np.exp2(k).astype(np.float64)
             if k.any():
                 scale_region(model.graph, region, s)
-                modified = True
             row_s = s[region.sink_index]
             st = stats[region.input.name]
             hi = clip * float(np.maximum(-st.min / row_s, st.max / row_s).max())
             set_range(region.input, -hi, hi)
             self.chosen[region.name] = {"k_min": int(k.min()), "k_max": int(k.max()), "shifted": int((k != 0).sum()),
                                         "channels": region.channels, "clip": clip, "relative_error": err}
-        return ir.passes.PassResult(model, modified=modified or bool(regions))
+        return ir.passes.PassResult(model, modified=bool(regions))  # ranges are recorded even where k = 0
 
     def _choose(self, region: Region, stats: ChannelStats) -> tuple[np.ndarray, float, float]:
         """k per source channel and the activation clip with the least quantized output error of the sinks."""
