@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -102,3 +104,28 @@ def test_artifact_roundtrip_pads_to_compiled_length(tmp_path, lowered):
     assert got.shape == ref.shape and np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
     with pytest.raises(qgraph.errors.QGraphError, match="exceed the longest compiled length 8"):
         runner.forward(np.zeros((1, 9), np.int64))
+
+
+@pytest.mark.slow  # two exports and a TVM build of lengths 1 and 512 in subprocesses: ~50 s of CPU
+def test_cli_compile_backend_tvm_then_eval(tmp_path, llama_dir, text_file):
+    """`qgraph compile --backend tvm` writes an artifact that `qgraph eval` reads like the ONNX one."""
+    from tests.test_cli import assert_user_error
+    from tests.test_cli import qgraph as cli
+
+    ort_dir, tvm_dir = tmp_path / "ort", tmp_path / "tvm"
+    common = ["--recipe", "w4a16", "--calib-text", text_file, "--calib-windows", "2", "--ctx", "32", "-q"]
+    assert cli("compile", llama_dir, *common, "-o", ort_dir).returncode == 0
+    r = cli("compile", llama_dir, *common, "--backend", "tvm", "-o", tvm_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    manifest = json.loads((tvm_dir / "manifest.json").read_text())
+    assert manifest["backend"] == "tvm" and manifest["model_file"] == "model.so" and manifest["recipe"] == "w4a16"
+    results = []
+    for d in (ort_dir, tvm_dir):
+        r = cli("eval", d, "--text", text_file, "--windows", "2", "--ctx", "64", "--json")
+        assert r.returncode == 0, r.stderr[-3000:]
+        results.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert results[1]["runtime"] == "tvm-llvm" and results[1]["tokens"] == results[0]["tokens"] == 126
+    # ORT's MatMulNBits quantizes activations to int8 inside (accuracy_level 4); TVM keeps them fp32
+    assert abs(results[1]["ppl"] / results[0]["ppl"] - 1) < 0.02, results
+    assert_user_error(cli("compile", llama_dir, "--recipe", "fp32", "--backend", "mlir", "-o", tmp_path / "x"),
+                      "unknown backend 'mlir'", "--backend tvm")
