@@ -31,7 +31,7 @@ from qgraph.eval.bench import time_forward  # noqa: E402
 from qgraph.eval.perplexity import perplexity  # noqa: E402
 from qgraph.ir.capture import load_tokenizer  # noqa: E402
 
-QGRAPH_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-qsm", "w4a16", "w4a16-awq", "fp8"]
+QGRAPH_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-qsm", "w4a8-qsm", "w4a16", "w4a16-awq", "fp8", "fp4", "fp4-noreparam"]
 
 
 def qgraph_cli(*args: str) -> float:
@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="re-quantize every row")
+    ap.add_argument("--recipes", default=",".join(QGRAPH_RECIPES), help="comma-separated qgraph recipes to include")
     args = ap.parse_args()
     out = Path(args.out)
     if args.fresh and out.exists():
@@ -151,7 +152,7 @@ def main() -> None:
     calib = calibration_windows(tokenizer).ids
 
     rows: dict[str, dict] = {"qgraph fp32": {"dir": fp32_dir, "quant_s": 0.0}}
-    for recipe in QGRAPH_RECIPES:
+    for recipe in [r for r in args.recipes.split(",") if r]:
         d = out / f"qgraph-{recipe}"
         wall = out / f"qgraph-{recipe}.wall.json"
         if not (d / "manifest.json").exists() or not wall.exists():
