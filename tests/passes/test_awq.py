@@ -36,9 +36,11 @@ def test_awq_fold_is_exact_and_search_never_loses(llama_captured):
 def test_w4a16_awq_recipe(llama_captured):
     compiled = qgraph.compile(llama_captured, "w4a16-awq", calib=_windows(), progress=False, verify=True)
     ops = collections.Counter(n.op_type for n in compiled.model.graph)
-    assert ops["MatMulNBits"] == 14 and compiled.report["verified"][0]["ok"]
+    # 14 block linears in int4, plus the tied lm_head in 8 bits on the embedding table's codes.
+    assert ops["MatMulNBits"] == 15 and ops["GatherBlockQuantized"] == 1 and compiled.report["verified"][0]["ok"]
     nbits = [n for n in compiled.model.graph if n.op_type == "MatMulNBits"]
-    assert all(len(n.inputs) == 4 for n in nbits)  # asymmetric: zero points present
+    assert sorted(n.attributes.get_int("bits") for n in nbits) == [4] * 14 + [8]
+    assert all(len(n.inputs) == 4 for n in nbits if n.attributes.get_int("bits") == 4)  # asymmetric: zero points
 
 
 def test_clip_search_never_increases_the_layer_error():
@@ -52,3 +54,12 @@ def test_clip_search_never_increases_the_layer_error():
     clipped, ratio = clip_weight(w, x, SPEC)
     err = lambda v: float(np.square(x @ w - x @ fake_quantize(v, SPEC)).sum())  # noqa: E731
     assert err(clipped) < err(w) and ratio < 1.0
+    # The two ends of a group move independently (asymmetric formats have a zero point per group).
+    groups = [slice(a, a + 32) for a in range(0, 100, 32)]
+    lo_ratio = np.array([clipped[g].min(0) / w[g].min(0) for g in groups])
+    hi_ratio = np.array([clipped[g].max(0) / w[g].max(0) for g in groups])
+    assert hi_ratio[0, 3] < 1.0 and np.any(np.abs(lo_ratio - hi_ratio) > 0.01)
+    symmetric = QuantSpec("int4", "block", axis=0, block_size=32)
+    sym_clipped, _ = clip_weight(w, x, symmetric)
+    sym_err = lambda v: float(np.square(x @ w - x @ fake_quantize(v, symmetric)).sum())  # noqa: E731
+    assert sym_err(sym_clipped) < sym_err(w)
