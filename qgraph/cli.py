@@ -40,7 +40,8 @@ def compile_cmd(
     report: bool = typer.Option(False, "--report", help="Also write report.md and sqnr.png (per-layer SQNR)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tvm (needs pip install 'qgraph[tvm]')."),
-    target: str = typer.Option("llvm", "--target", help="TVM target: llvm (this CPU)."),
+    target: str = typer.Option("llvm", "--target", help="TVM target: llvm (this CPU) or cuda (built here, runs on a GPU)."),
+    arch: str | None = typer.Option(None, "--arch", help="CUDA architectures for --target cuda (default sm_80,sm_90)."),
 ) -> None:
     """Capture MODEL, apply RECIPE and write an ONNX Runtime (or TVM) artifact directory."""
     import qgraph
@@ -54,8 +55,16 @@ def compile_cmd(
         raise QGraphError(f"unknown backend {backend!r}", "use --backend onnxruntime or --backend tvm")
     if backend == "tvm":
         from qgraph.backends.tvm import require_tvm
+        from qgraph.backends.tvm.cuda import parse_archs, require_nvcc
 
         require_tvm()
+        if target not in ("llvm", "cuda"):
+            raise QGraphError(f"TVM target {target!r} is not supported", "use --target llvm or --target cuda")
+        archs = parse_archs(arch) if target == "cuda" else None
+        if target == "cuda":
+            require_nvcc()
+    if arch is not None and (backend != "tvm" or target != "cuda"):
+        raise QGraphError("--arch applies to --backend tvm --target cuda only", "drop --arch or add --target cuda")
     t0 = time.perf_counter()
     captured = qgraph.load(model, progress=progress, export=False)
     calib = qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx)
@@ -68,7 +77,7 @@ def compile_cmd(
     if backend == "tvm":
         from qgraph.backends.tvm.artifact import save_artifact
 
-        path = save_artifact(compiled, out, target=target, progress=progress)
+        path = save_artifact(compiled, out, target=target, archs=archs, progress=progress)
     else:
         path = compiled.save(out, progress=progress, report_files=report)
     report = json.loads((path / "report.json").read_text())

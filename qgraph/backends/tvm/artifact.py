@@ -73,39 +73,61 @@ def build(mod, target=None):
     return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
 
 
-def save_artifact(compiled, out_dir: str | Path, *, target: str = "llvm", lengths=LENGTHS, progress: bool = True) -> Path:
-    """Write a TVM artifact directory for a qgraph CompiledModel: model.so, params.npz, tokenizer, manifest, report."""
+def save_artifact(compiled, out_dir: str | Path, *, target: str = "llvm", archs=None, lengths=LENGTHS,
+                  progress: bool = True) -> Path:
+    """Write a TVM artifact directory for a qgraph CompiledModel: model.so, params.npz, tokenizer, manifest, report.
+
+    target "cuda" adds kernels.cu and one kernels.<arch>.cubin per architecture (archs, default
+    sm_80 and sm_90); model.so then holds the host code with a fatbin of those cubins embedded.
+    """
     from qgraph.artifact import MANIFEST, REPORT, dir_size, write_atomically, write_json
+    from qgraph.backends.tvm import cuda as C
     from qgraph.progress import status
 
-    if target != "llvm":
-        raise QGraphError(f"TVM target {target!r} artifacts are not built yet",
-                          "use --target llvm (CUDA kernels build with qgraph.backends.tvm.kernels.build_cuda)")
+    if target not in ("llvm", "cuda"):
+        raise QGraphError(f"TVM target {target!r} is not supported", "use --target llvm or --target cuda")
+    if target == "cuda":
+        archs = tuple(archs or C.DEFAULT_ARCHS)
+        C.require_nvcc()  # before the long lowering
     t0 = time.perf_counter()
-    tgt = host_target()
+    tgt = host_target() if target == "llvm" else C.base_target(archs)
     mod, params, names, counts = lower_to_relax(compiled.model, lengths, tgt, progress)
     lower_s = time.perf_counter() - t0
-    with status("TVM: building for llvm", enabled=progress):
-        ex = build(mod, tgt)
+    with status(f"TVM: building for {target}", enabled=progress):
+        cuda_build = C.build(mod, archs) if target == "cuda" else None
+        ex = cuda_build.executable if cuda_build else build(mod, tgt)
     build_s = time.perf_counter() - t0 - lower_s
 
     def fill(tmp: Path) -> None:
-        ex.export_library(str(tmp / LIBRARY))
+        info = {"target": str(tgt), "device": "cpu" if target == "llvm" else "cuda", "params_file": PARAMS,
+                "lengths": list(lengths), "functions": names, "linears": counts, "tvm_version": _tvm_version()}
+        files = [LIBRARY, PARAMS]
+        if cuda_build is None:
+            ex.export_library(str(tmp / LIBRARY))
+        else:
+            C.export_library(cuda_build, tmp / LIBRARY)
+            (tmp / C.SOURCE).write_text(cuda_build.source)
+            cubins = {arch: f"kernels.{arch}.cubin" for arch in cuda_build.cubins}
+            for arch, name in cubins.items():
+                (tmp / name).write_bytes(cuda_build.cubins[arch])
+            files += [C.SOURCE, *cubins.values()]
+            info.update(archs=list(archs), kernels=len(cuda_build.kernels), cuda_source=C.SOURCE, cubins=cubins,
+                        embedded="fatbin")
         np.savez(tmp / PARAMS, **{name: array.numpy() for name, array in params.items()})
         if compiled.tokenizer is not None:
             compiled.tokenizer.save_pretrained(str(tmp))
         manifest = compiled.manifest()
-        manifest.update({
-            "backend": "tvm",
-            "model_file": LIBRARY,
-            "tvm": {"target": str(tgt), "params_file": PARAMS, "lengths": list(lengths), "functions": names,
-                    "linears": counts, "tvm_version": _tvm_version()},
-        })
+        manifest.update({"backend": "tvm", "model_file": LIBRARY, "tvm": info})
         write_json(tmp / MANIFEST, manifest)
         report = dict(compiled.report)
         report["timings_s"] = dict(report.get("timings_s", {}), tvm_lower=round(lower_s, 3), tvm_build=round(build_s, 3))
-        report["sizes_bytes"] = {"model_files": (tmp / LIBRARY).stat().st_size + (tmp / PARAMS).stat().st_size,
+        report["sizes_bytes"] = {"model_files": sum((tmp / f).stat().st_size for f in files),
                                  "artifact_dir": dir_size(tmp)}
+        if cuda_build is not None:
+            report["tvm_cuda"] = {"kernels": len(cuda_build.kernels), "fatbin_bytes": len(cuda_build.fatbin),
+                                  "cubin_bytes": {a: len(b) for a, b in cuda_build.cubins.items()},
+                                  "source_bytes": len(cuda_build.source.encode()),
+                                  "library_bytes": (tmp / LIBRARY).stat().st_size}
         write_json(tmp / REPORT, report)
 
     return write_atomically(out_dir, fill)
@@ -115,27 +137,43 @@ def _tvm_version() -> str:
     return str(require_tvm().__version__)
 
 
-def open_runner(path: Path, manifest: dict, threads: int = 2):
-    """A qgraph Runner over a TVM artifact: pads each call to the next compiled length."""
-    # The TVM thread pool reads this once, at its first parallel call.
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+def load_functions(path: Path, manifest: dict):
+    """(device, {length: (VM function, its parameter tensors)}) of a TVM artifact, on its device (cpu or cuda)."""
     tvm = require_tvm()
     from tvm import relax
 
-    from qgraph.api import Runner
-    from qgraph.ir.capture import load_tokenizer
-
     info = manifest.get("tvm") or {}
+    device = info.get("device", "cpu")
+    if device == "cuda":
+        from qgraph.backends.tvm.cuda import cuda_available
+
+        if not cuda_available():
+            raise QGraphError(f"{str(path)!r} is a CUDA artifact ({', '.join(info.get('archs', []))}) and needs a CUDA GPU "
+                              "with a CUDA-enabled TVM; this machine has none",
+                              "run it on a GPU machine (tools/bench_tvm_cuda.py) or compile with --target llvm")
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu()
     library = path / manifest.get("model_file", LIBRARY)
     try:
         ex = tvm.runtime.load_module(str(library))
     except Exception as exc:
         raise QGraphError(f"TVM cannot load {str(library)!r}: {str(exc).splitlines()[0][:200]}",
                           "recompile the artifact on this machine (the library is built for its CPU)") from None
-    vm = relax.VirtualMachine(ex, tvm.cpu())
+    vm = relax.VirtualMachine(ex, dev)
     with np.load(path / info.get("params_file", PARAMS)) as stored:
-        params = {name: tvm.runtime.tensor(stored[name]) for name in stored.files}
-    functions = {int(f.removeprefix("seq")): (vm[f], [params[n] for n in args]) for f, args in info["functions"].items()}
+        params = {name: tvm.runtime.tensor(stored[name], dev) for name in stored.files}
+    return dev, {int(f.removeprefix("seq")): (vm[f], [params[n] for n in args]) for f, args in info["functions"].items()}
+
+
+def open_runner(path: Path, manifest: dict, threads: int = 2):
+    """A qgraph Runner over a TVM artifact: pads each call to the next compiled length."""
+    # The TVM thread pool reads this once, at its first parallel call.
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    tvm = require_tvm()
+
+    from qgraph.api import Runner
+    from qgraph.ir.capture import load_tokenizer
+
+    dev, functions = load_functions(path, manifest)
     lengths = sorted(functions)
 
     def forward(ids: np.ndarray) -> np.ndarray:
@@ -149,14 +187,16 @@ def open_runner(path: Path, manifest: dict, threads: int = 2):
         padded = np.zeros((1, length), dtype=np.int64)
         padded[:, : ids.shape[1]] = ids
         func, args = functions[length]
-        return func(tvm.runtime.tensor(padded), *args).numpy()[:, : ids.shape[1]]
+        return func(tvm.runtime.tensor(padded, dev), *args).numpy()[:, : ids.shape[1]]
 
     vocab = next((o["shape"][-1] for o in manifest.get("outputs", []) if isinstance(o.get("shape", [None])[-1], int)), 1000)
-    return Runner(forward, load_tokenizer(path), manifest.get("recipe", path.name), "tvm-llvm", vocab)
+    return Runner(forward, load_tokenizer(path), manifest.get("recipe", path.name),
+                  "tvm-cuda" if (manifest.get("tvm") or {}).get("device") == "cuda" else "tvm-llvm", vocab)
 
 
-def lower_onnx_artifact(src_dir: str | Path, out_dir: str | Path, *, lengths=LENGTHS, progress: bool = True) -> Path:
-    """Build the TVM artifact of an existing ONNX artifact directory (same graph, recipe, tokenizer)."""
+def lower_onnx_artifact(src_dir: str | Path, out_dir: str | Path, *, target: str = "llvm", archs=None, lengths=LENGTHS,
+                        progress: bool = True) -> Path:
+    """Build the TVM artifact (llvm or cuda) of an existing ONNX artifact directory (same graph, recipe, tokenizer)."""
     from qgraph.artifact import read_manifest
     from qgraph.ir.capture import load_tokenizer
 
@@ -166,7 +206,7 @@ def lower_onnx_artifact(src_dir: str | Path, out_dir: str | Path, *, lengths=LEN
         raise QGraphError(f"{str(src)!r} is a {manifest.get('backend')} artifact", "pass an ONNX Runtime artifact directory")
     report = json.loads((src / "report.json").read_text()) if (src / "report.json").exists() else {}
     compiled = _ArtifactModel(ir.load(src / manifest.get("model_file", "model.onnx")), load_tokenizer(src), manifest, report)
-    return save_artifact(compiled, out_dir, lengths=lengths, progress=progress)
+    return save_artifact(compiled, out_dir, target=target, archs=archs, lengths=lengths, progress=progress)
 
 
 class _ArtifactModel:

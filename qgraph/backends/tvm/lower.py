@@ -253,7 +253,8 @@ def _importer_class():
             name += f"_m{rows}"
             if name not in self.kernels:
                 if self.target is not None and self.target.kind.name == "cuda":
-                    scheduled = K.schedule_cuda(func, decode=decode)
+                    with self.target:  # dlight's prefill rule reads the current target
+                        scheduled = K.schedule_cuda(func, decode=decode)
                 else:
                     scheduled = K.schedule_cpu(func, decode=decode)
                 self.kernels[name] = self.bb.add_func(scheduled.with_attr("global_symbol", name), name)

@@ -82,3 +82,60 @@ def cpu_pipeline(target):
             return seq(mod)
 
     return _pipeline
+
+
+def _guarded(rule):
+    """A dlight GPU rule that declines (None) instead of failing on a loop nest it does not expect.
+
+    dlight's GPU rules assert on shapes outside their pattern (GEMV's normalize asserts a reduction
+    loop that attention's batched matmuls at length 1 do not have); declining passes the function to
+    the next rule, ending at Fallback, which schedules any loop nest.
+    """
+    require_tvm()
+    from tvm.s_tir import dlight as dl
+
+    class Guarded(dl.ScheduleRule):
+        def apply(self, func, target, tunable):
+            try:
+                return rule.apply(func, target, tunable)
+            except (AssertionError, ValueError, IndexError):
+                return None
+
+        def __repr__(self):
+            return f"guarded {type(rule).__name__}"
+
+    return Guarded()
+
+
+def gpu_rules():
+    """dlight's GPU rules in TVM's default order, each guarded; Fallback last and unguarded."""
+    require_tvm()
+    from tvm.s_tir import dlight as dl
+
+    g = dl.gpu
+    return [_guarded(r) for r in (g.Matmul(), g.GEMV(), g.Reduction(), g.GeneralReduction())] + [g.Fallback()]
+
+
+def cuda_pipeline(target):
+    """Relax pipeline for cuda: TVM's CUDA pipeline with the dlight rules guarded (see _guarded).
+
+    qgraph's kernels arrive scheduled (tirx.is_scheduled) and dlight leaves them alone.
+    """
+    tvm = require_tvm()
+    from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            legalize = [p for p in cuda.legalize_passes(target) if not isinstance(p, dl.ApplyDefaultSchedule)]
+            seq = tvm.transform.Sequential(
+                cuda.library_dispatch_passes(target)
+                + legalize
+                + [dl.ApplyDefaultSchedule(*gpu_rules())]
+                + cuda.dataflow_lower_passes(target)
+                + cuda.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return _pipeline
