@@ -6,7 +6,10 @@ Every row starts from the same fp32 artifact (out/compare/fp32/model.onnx), cali
 britannica-11th.txt. Latency is timed round-robin over all rows in one process (2 threads), min and
 median of --runs rounds, so a busy machine slows every row alike.
 
-    python tools/compare_peers.py [--out out/compare] [--runs 10] [--windows 16]
+The `tvm-llvm` rows are TVM builds (qgraph's llvm backend) of the qgraph fp32, w8a8 and w4a16
+artifacts in the table: the same graphs, so their perplexity should match the ORT rows to 0.5 %.
+
+    python tools/compare_peers.py [--out out/compare] [--runs 10] [--windows 16] [--tvm fp32,w8a8,w4a16]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from qgraph.eval.bench import time_forward  # noqa: E402
 from qgraph.eval.perplexity import perplexity  # noqa: E402
 from qgraph.ir.capture import load_tokenizer  # noqa: E402
 
+TVM_RECIPES = ["fp32", "w8a8", "w4a16"]
 QGRAPH_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-qsm", "w4a8-qsm", "w4a16", "w4a16-awq", "fp8", "fp4", "fp4-noreparam"]
 
 
@@ -43,7 +47,32 @@ def qgraph_cli(*args: str) -> float:
 
 
 def model_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.iterdir() if p.name.startswith("model.onnx") or p.suffix == ".data")
+    return sum(p.stat().st_size for p in directory.iterdir()
+               if p.name.startswith("model.onnx") or p.suffix == ".data" or p.name in ("model.so", "params.npz"))
+
+
+def tvm_rows(out: Path, recipes: list[str], rows: dict[str, dict]) -> dict[str, dict]:
+    """Build (or reuse) the TVM llvm artifact of each listed qgraph row; returns rows with their build seconds."""
+    if not recipes:
+        return {}
+    try:
+        from qgraph.backends.tvm.artifact import lower_onnx_artifact
+    except ImportError as exc:
+        raise SystemExit(f"TVM rows need pip install 'qgraph[tvm]' ({exc}); or pass --tvm ''") from None
+    built = {}
+    for recipe in recipes:
+        source = rows.get(f"qgraph {recipe}")
+        if source is None:
+            raise SystemExit(f"--tvm {recipe}: the table has no 'qgraph {recipe}' row to build from; add it to --recipes")
+        d, wall = out / f"tvm-llvm-{recipe}", out / f"tvm-llvm-{recipe}.wall.json"
+        if not (d / "manifest.json").exists() or not wall.exists():
+            print(f"[compare] TVM llvm build of qgraph {recipe}", file=sys.stderr, flush=True)
+            t = time.perf_counter()
+            lower_onnx_artifact(source["dir"], d, progress=False)
+            wall.write_text(json.dumps({"seconds": time.perf_counter() - t}))
+        # quant wall: the qgraph compile of the source row plus the TVM build
+        built[f"tvm-llvm {recipe}"] = {"dir": d, "quant_s": source["quant_s"] + json.loads(wall.read_text())["seconds"]}
+    return built
 
 
 def block_linear_nodes(fp32_onnx: Path) -> list[str]:
@@ -138,6 +167,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="re-quantize every row")
     ap.add_argument("--recipes", default=",".join(QGRAPH_RECIPES), help="comma-separated qgraph recipes to include")
+    ap.add_argument("--tvm", default=",".join(TVM_RECIPES), help="qgraph rows to also build with TVM llvm ('' for none)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.fresh and out.exists():
@@ -160,11 +190,20 @@ def main() -> None:
             wall.write_text(json.dumps({"seconds": qgraph_cli("compile", str(fp32_onnx), "--recipe", recipe,
                                                               "-o", str(d), "-q")}))
         rows[f"qgraph {recipe}"] = {"dir": d, "quant_s": json.loads(wall.read_text())["seconds"]}
+    tvm = tvm_rows(out, [r for r in args.tvm.split(",") if r], rows)
     for name, seconds in ort_peers(fp32_onnx, out, calib, block_linear_nodes(fp32_onnx)).items():
         rows[name] = {"dir": out / name, "quant_s": seconds}
 
+    rows.update(tvm)
     sessions = {}
     for name, row in rows.items():
+        if name in tvm:
+            from qgraph.artifact import read_manifest
+            from qgraph.backends.tvm.artifact import open_runner
+
+            sessions[name] = open_runner(row["dir"], read_manifest(row["dir"]), threads=args.threads).forward
+            row["ort_opt"], row["size_mb"] = "tvm llvm", model_bytes(row["dir"]) / 1e6
+            continue
         sess, row["ort_opt"] = open_session(row["dir"] / "model.onnx", args.threads)
         inp = sess.get_inputs()[0].name
         sessions[name] = (lambda ids, s=sess, i=inp: s.run(None, {i: ids})[0])
@@ -199,7 +238,7 @@ def main() -> None:
         "(decode = one token, no KV cache).",
         "",
         "| row | ppl | size MB | prefill ms min / med | prefill x fp32 | decode ms min / med | decode x fp32 "
-        "| quant wall s | ORT opt level |",
+        "| quant wall s | runtime (ORT opt level) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in rows.items():
