@@ -160,9 +160,9 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     def run(p, name: str) -> None:
         t = time.perf_counter()
         if verify and getattr(p, "function_preserving", False):
-            from qgraph.eval.verify import check_pass, verification_inputs
+            from qgraph.eval.verify import check_pass, token_range, verification_inputs
 
-            vocab = int(graph_model.graph.outputs[0].shape[-1]) if graph_model.graph.outputs[0].shape else 1000
+            vocab = token_range(graph_model.graph)
             in_shape = graph_model.graph.inputs[0].shape
             length = in_shape[1] if in_shape is not None and isinstance(in_shape[1], int) else 128  # static exports
             if isinstance(calib, TokenWindows) and length == 128:

@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from qgraph.errors import QGraphError
-from qgraph.eval.verify import check_pass, run_float, verification_inputs
+from qgraph.eval.verify import check_pass, run_float, token_range, verification_inputs
 from qgraph.ir.regions import find_linears, find_norms
 
 
@@ -54,3 +54,12 @@ def test_run_float_is_deterministic(llama_captured):
     inputs = verification_inputs(256, random_rows=1, length=9)
     a, b = run_float(llama_captured.model, inputs), run_float(llama_captured.model, inputs)
     np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_random_tokens_span_the_embedding_table_not_the_output_width(llama_captured):
+    from tests.conftest import tiny_bert_affine
+
+    assert token_range(llama_captured.model.graph) == 256  # decoder: the table is the vocabulary
+    encoder = tiny_bert_affine()
+    assert encoder.graph.outputs[0].shape[-1] == 64  # an encoder's output width is its hidden size
+    assert token_range(encoder.graph) == 200
