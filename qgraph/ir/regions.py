@@ -547,6 +547,8 @@ def _through(
         return []
     if op in ("MatMul", "Gemm"):
         return _through_matmul(node, index, idx, start, walk, name)
+    if op in ("Shape", "Size"):  # reads the dims only, which a channel-wise scale or shift leaves alone
+        return []
     moved = _move(node, value, idx, ctx, name)
     if moved is not None:
         walk.path.append(node)

@@ -250,3 +250,28 @@ def test_inspect_prints_regions(tmp_path, llama):
     assert any("tied to the embedding table" in r["reason"] for r in info["rejected"])
     table = CliRunner().invoke(app, ["inspect", str(path)])
     assert table.exit_code == 0 and "channel regions (8)" in table.output and "rejected region candidates" in table.output
+
+
+def test_shape_readers_are_not_consumers():
+    """A dynamic Reshape's Shape(y) reads only y's dims: the linear -> linear region through it is found."""
+    rng = np.random.default_rng(0)
+    x = ir.Value(name="x", shape=ir.Shape([1, "T", 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    graph = ir.Graph([x], [], nodes=[], opset_imports={"": 21}, name="g")
+    weights = {n: ir.Value(name=n, shape=ir.Shape([8, 8]), type=ir.TensorType(ir.DataType.FLOAT),
+                           const_value=ir.tensor(rng.standard_normal((8, 8)).astype(np.float32), name=n))
+               for n in ("w1", "w2")}
+    for w in weights.values():
+        graph.register_initializer(w)
+    first = ir.node("MatMul", [x, weights["w1"]], name="first")
+    shape = ir.node("Shape", [first.outputs[0]], name="dims")
+    second = ir.node("MatMul", [first.outputs[0], weights["w2"]], name="second")
+    reshape = ir.node("Reshape", [second.outputs[0], shape.outputs[0]], name="back")
+    for node in (first, shape, second, reshape):
+        graph.append(node)
+    y = reshape.outputs[0]
+    y.name, y.shape, y.type = "y", ir.Shape([1, "T", 8]), ir.TensorType(ir.DataType.FLOAT)
+    graph.outputs.append(y)
+    first.outputs[0].shape = second.outputs[0].shape = ir.Shape([1, "T", 8])
+    regions, rejected = find_regions(ir.Model(graph, ir_version=10))
+    assert [(r.kind, [s.name for s in r.sources], [s.name for s in r.sinks]) for r in regions] == [
+        ("linear->linear", ["first"], ["second"])], rejected
