@@ -100,6 +100,16 @@ def test_eval_without_a_gpu_is_a_one_line_error(artifact, text_file):
     assert_user_error(cli("bench", out, "--runs", "1"), "needs a CUDA GPU")
 
 
+def test_bench_script_without_a_gpu_says_so(artifact, capsys):
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[3] / "tools" / "bench_tvm_cuda.py"))
+    assert script["main"]([str(artifact("w4a16"))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a CUDA GPU" in err[0]
+
+
 def test_embed_fatbin_rewrites_only_the_cuda_payload():
     table = b"\x01\x00\x00\x00\x00\x00\x00\x00table"
     payload = C._string(b"cuda") + table + C._string(b"__global__ src")
