@@ -27,7 +27,10 @@ FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
 
 @pytest.fixture(scope="module")
 def artifact(llama_captured, tmp_path_factory):
-    """recipe -> artifact dir; one CUDA build per recipe (~8 s each: lowering, TVM build, two nvcc runs)."""
+    """recipe -> artifact dir; one CUDA build per recipe (~8 s each: lowering, TVM build, two nvcc runs).
+
+    w8a8 goes through an ONNX Runtime artifact (lower_onnx_artifact), w4a16 straight from the compiled model.
+    """
     cache = {}
 
     def get(recipe):
@@ -35,7 +38,11 @@ def artifact(llama_captured, tmp_path_factory):
             windows = TokenWindows(np.random.default_rng(9).integers(0, 256, size=(3, 32), dtype=np.int64), 0, "random")
             compiled = qgraph.compile(llama_captured, recipe, calib=windows, progress=False)
             out = tmp_path_factory.mktemp("cuda") / recipe
-            cache[recipe] = A.save_artifact(compiled, out, target="cuda", lengths=LENGTHS, progress=False)
+            if recipe == "w8a8":  # the other way in: from an ONNX Runtime artifact directory
+                ort = compiled.save(out.with_name("ort"), progress=False)
+                cache[recipe] = A.lower_onnx_artifact(ort, out, target="cuda", lengths=LENGTHS, progress=False)
+            else:
+                cache[recipe] = A.save_artifact(compiled, out, target="cuda", lengths=LENGTHS, progress=False)
         return cache[recipe]
 
     return get
@@ -50,7 +57,8 @@ def test_cubin_per_arch_and_fatbin_embedded(artifact, recipe):
     out = artifact(recipe)
     manifest = json.loads((out / "manifest.json").read_text())
     info = manifest["tvm"]
-    assert manifest["backend"] == "tvm" and info["device"] == "cuda" and info["archs"] == ["sm_80", "sm_90"]
+    assert manifest["backend"] == "tvm" and manifest["recipe"] == recipe
+    assert info["device"] == "cuda" and info["archs"] == ["sm_80", "sm_90"]
     assert info["functions"].keys() == {"seq1", "seq16"}
     for arch in ("sm_80", "sm_90"):
         cubin = (out / info["cubins"][arch]).read_bytes()
