@@ -76,10 +76,20 @@ def build(mod, archs=DEFAULT_ARCHS) -> CudaBuild:
     from qgraph.backends.tvm.pipeline import cuda_pipeline
 
     require_nvcc()
-    # TVM's own compile hook (used if a CUDA runtime is present) would otherwise try NVRTC.
+    # The compile hook a CUDA-enabled TVM calls uses NVRTC (needs cuda-bindings) unless told otherwise.
     os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
     target = base_target(archs)
-    executable = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target))
+    # A CUDA-enabled TVM would compile for one arch inside tvm.compile; the source placeholder is what
+    # embed_fatbin replaces, so ask for it on every TVM build.
+    forced = os.environ.get("TVM_COMPILE_FORCE_FALLBACK")
+    os.environ["TVM_COMPILE_FORCE_FALLBACK"] = "1"
+    try:
+        executable = tvm.compile(mod, target=target, relax_pipeline=cuda_pipeline(target))
+    finally:
+        if forced is None:
+            os.environ.pop("TVM_COMPILE_FORCE_FALLBACK")
+        else:
+            os.environ["TVM_COMPILE_FORCE_FALLBACK"] = forced
     device = _device_module(executable)
     source = device.inspect_source("")
     cubins = {}
