@@ -15,6 +15,9 @@ Layouts (Y = X @ W, as in ONNX MatMul, W stored [K, N]):
   (symmetric, per output channel); acc = sum_k a * w in int32 and
   Y = (acc - a_zero * w_colsum) * a_scale * w_scale[n], with `w_colsum` = sum_k w[k, n] stored
   beside the weight, so the zero point costs nothing per call.
+- int4 x int8 (w_bits=4): the same int8 kernel with `w` packed as in int4 (uint32 [ceil(K/8), N],
+  offset-binary codes q + 8 of a symmetric int4 weight, q in -8..7); a `decode` block turns a word
+  back into int32 q that the int32 matmul reads, and `w_colsum` is the sum of q.
 """
 
 from __future__ import annotations
@@ -86,9 +89,24 @@ def reference_q4(x: np.ndarray, w: np.ndarray, scales: np.ndarray, zeros: np.nda
 
 
 def reference_int8(a, w, w_colsum, a_scale, a_zero, w_scale) -> np.ndarray:
-    """numpy reference of int8_linear (exact int64 accumulation)."""
+    """numpy reference of int8_linear (exact int64 accumulation); w is int8 [K, N] or packed int4 words."""
+    if w.dtype == np.uint32:
+        w = unpack_int4_signed(w, a.shape[1])
     acc = a.astype(np.int64) @ w.astype(np.int64) - int(a_zero[0]) * w_colsum.astype(np.int64)
     return (acc.astype(np.float32) * (np.float32(a_scale[0]) * w_scale.astype(np.float32))).astype(np.float32)
+
+
+def pack_int4_signed(q: np.ndarray) -> np.ndarray:
+    """Symmetric int4 values [K, N] (-8..7) -> uint32 words of offset-binary codes q + 8 (int8_linear, w_bits=4)."""
+    q = np.asarray(q).astype(np.int64)
+    if q.min(initial=0) < -8 or q.max(initial=0) > 7:
+        raise ValueError(f"int4 values out of -8..7: [{q.min()}, {q.max()}]")
+    return pack_int4((q + 8).astype(np.uint8))
+
+
+def unpack_int4_signed(words: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of pack_int4_signed: uint32 [W, N] -> int8 [k, N] in -8..7."""
+    return unpack_int4(words, k).astype(np.int8) - np.int8(8)
 
 
 # ---------------------------------------------------------------- unscheduled kernels
@@ -126,25 +144,37 @@ def q4_linear(k: int, n: int, group: int, *, m: int | None = None, zero_points: 
     return func.with_attr("global_symbol", f"q4_linear_k{k}_n{n}_g{group}{'_zp' if zero_points else ''}")
 
 
-def int8_linear(k: int, n: int, *, m: int | None = None, a_dtype: str = "uint8"):
-    """int8 x int8 -> int32 matmul with per-tensor activation and per-channel weight rescale to fp32."""
+def int8_linear(k: int, n: int, *, m: int | None = None, a_dtype: str = "uint8", w_bits: int = 8):
+    """int8 x int8 (or packed int4, w_bits=4) -> int32 matmul, per-tensor activation x per-channel weight rescale."""
     _tvm()
-    from tvm import te
+    from tvm import te, tirx
 
+    if w_bits not in (4, 8):
+        raise ValueError(f"int8_linear: w_bits={w_bits}, expected 8 or 4")
     rows = _rows(m)
     a = te.placeholder((rows, k), a_dtype, name="a")
-    w = te.placeholder((k, n), "int8", name="w")
+    if w_bits == 8:
+        w = te.placeholder((k, n), "int8", name="w")
+        wq = w
+    else:
+        w = te.placeholder((-(-k // PACK), n), "uint32", name="w")
+
+        def decode(kk, j):
+            code = (w[kk // PACK, j] >> ((kk % PACK) * 4).astype("uint32")) & tirx.const(15, "uint32")
+            return code.astype("int32") - tirx.const(8, "int32")
+
+        wq = te.compute((k, n), decode, name="decode")
     colsum = te.placeholder((n,), "int32", name="w_colsum")
     a_scale = te.placeholder((1,), "float32", name="a_scale")
     a_zero = te.placeholder((1,), "int32", name="a_zero")
     w_scale = te.placeholder((n,), "float32", name="w_scale")
     r = te.reduce_axis((0, k), name="k")
-    acc = te.compute((rows, n), lambda i, j: te.sum(a[i, r].astype("int32") * w[r, j].astype("int32"), axis=r),
+    acc = te.compute((rows, n), lambda i, j: te.sum(a[i, r].astype("int32") * wq[r, j].astype("int32"), axis=r),
                      name="matmul")
     y = te.compute((rows, n), lambda i, j: (acc[i, j] - a_zero[0] * colsum[j]).astype("float32")
                    * (a_scale[0] * w_scale[j]), name="rescale")
     func = te.create_prim_func([a, w, colsum, a_scale, a_zero, w_scale, y], index_dtype_override="int64")
-    return func.with_attr("global_symbol", f"int8_linear_k{k}_n{n}_{a_dtype}")
+    return func.with_attr("global_symbol", f"int8_linear_k{k}_n{n}_{a_dtype}{'_w4' if w_bits == 4 else ''}")
 
 
 def f32_linear(k: int, n: int, *, m: int | None = None):

@@ -2,8 +2,9 @@
 
 1. Every linear with a constant weight becomes one node of the `qgraph.tvm` domain, its weight kept
    in the kernel's own layout as initializers (packed int4 words, int8 codes, fp32):
-   MatMulNBits -> Q4Linear, QuantizeLinear -> DequantizeLinear -> MatMul(DequantizeLinear(int8 w))
-   -> Int8Linear (the QuantizeLinear stays), MatMul(x, W or W^T) -> F32Linear.
+   MatMulNBits -> Q4Linear, QuantizeLinear -> DequantizeLinear -> MatMul(DequantizeLinear(int8 or
+   int4 w)) -> Int8Linear (the QuantizeLinear stays; int4 packed 8 per word, attribute w_bits=4),
+   MatMul(x, W or W^T) -> F32Linear.
 2. The input length is fixed (one Relax module per length) and onnxscript's optimizer folds the
    shape arithmetic: TVM's ONNX frontend cannot import the exporter's dynamic mask subgraph (a
    Reshape of a symbolic scalar) and its static import is what it handles well.
@@ -127,12 +128,16 @@ def _rewrite_int8(graph: ir.Graph, node: ir.Node, wdq: ir.Node) -> str:
     w_zero = _const(wdq.inputs[2]) if len(wdq.inputs) > 2 and wdq.inputs[2] is not None else None
     adq = node.inputs[0].producer()
     aq = adq.inputs[0].producer() if adq is not None and adq.op_type == "DequantizeLinear" else None
-    fix = "TVM lowers int8 per-channel weights with int8/uint8 per-tensor static activations (recipes w8a8*) only"
-    if q.dtype != np.int8 or q.ndim != 2 or (w_zero is not None and np.any(w_zero != 0)):
-        raise QGraphError(f"{node.name}: weight {wdq.inputs[0].name} is {q.dtype} {q.shape} (not symmetric int8 [K, N])", fix)
+    fix = ("TVM lowers int8/int4 per-channel weights with int8/uint8 per-tensor static activations "
+           "(recipes w8a8*, w4a8*) only")
+    # onnx_ir hands int4 out as an ml_dtypes.int4 array: the ONNX type says which width it is
+    w_bits = {ir.DataType.INT8: 8, ir.DataType.INT4: 4}.get(wdq.inputs[0].const_value.dtype)
+    if w_bits is None or q.ndim != 2 or (w_zero is not None and np.any(w_zero.astype(np.int32) != 0)):
+        raise QGraphError(f"{node.name}: weight {wdq.inputs[0].name} is {q.dtype} {q.shape} "
+                          "(not symmetric int8 or int4 [K, N])", fix)
     if aq is None or aq.op_type != "QuantizeLinear":
         raise QGraphError(f"{node.name}: a dequantized weight without a QuantizeLinear -> DequantizeLinear activation "
-                          "(weight-only int8)", fix)
+                          f"(weight-only int{w_bits})", fix)
     axis = wdq.attributes.get("axis")
     if w_scale.size not in (1, q.shape[1]) or (w_scale.size > 1 and axis is not None and axis.value not in (1, -1)):
         raise QGraphError(f"{node.name}: weight scale {w_scale.shape} is not per output channel", fix)
@@ -143,14 +148,17 @@ def _rewrite_int8(graph: ir.Graph, node: ir.Node, wdq: ir.Node) -> str:
         raise QGraphError(f"{node.name}: activations quantized to {a_dtype}", fix)
     base = wdq.inputs[0].name
     n = q.shape[1]
+    q = q.astype(np.int8)
+    # int4: 8 codes per uint32 word (kernels.pack_int4_signed) replace the int4 initializer
+    weight = wdq.inputs[0] if w_bits == 8 else _add(graph, f"{base}.w4", K.pack_int4_signed(q))
     inputs = [
-        aq.outputs[0], wdq.inputs[0],
+        aq.outputs[0], weight,
         _add(graph, f"{base}.colsum", q.astype(np.int32).sum(0).astype(np.int32)),
         _add(graph, f"{base}.a_scale", a_scale.astype(np.float32)),
         _add(graph, f"{base}.a_zero", a_zero.astype(np.int32)),
         _add(graph, f"{base}.w_scale", np.broadcast_to(w_scale.astype(np.float32).reshape(-1), (n,)).copy()),
     ]
-    _replace(graph, node, "Int8Linear", inputs, {"K": q.shape[0], "N": n, "a_dtype": str(a_dtype)})
+    _replace(graph, node, "Int8Linear", inputs, {"K": q.shape[0], "N": n, "a_dtype": str(a_dtype), "w_bits": w_bits})
     return "Int8Linear"
 
 
@@ -247,7 +255,9 @@ def _importer_class():
                 name += "_zp" if zp else ""
             elif op_name == "Int8Linear":
                 a_dtype = attrs["a_dtype"].decode() if isinstance(attrs["a_dtype"], bytes) else attrs["a_dtype"]
-                func, name = K.int8_linear(k, n, m=rows, a_dtype=a_dtype), f"i8_k{k}_n{n}_{a_dtype}"
+                w_bits = int(attrs.get("w_bits", 8))
+                func = K.int8_linear(k, n, m=rows, a_dtype=a_dtype, w_bits=w_bits)
+                name = f"i8_k{k}_n{n}_{a_dtype}" + ("_w4" if w_bits == 4 else "")
             else:
                 func, name = K.f32_linear(k, n, m=rows), f"f32_k{k}_n{n}"
             name += f"_m{rows}"

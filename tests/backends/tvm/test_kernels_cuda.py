@@ -19,6 +19,8 @@ KERNELS = {
     "q4zp_tail_decode": (K.q4_linear(100, 37, 32, m=1, zero_points=True), True),
     "i8_decode": (K.int8_linear(576, 1536, m=1), True),
     "i8_prefill": (K.int8_linear(576, 192), False),
+    "i4a8_decode": (K.int8_linear(576, 1536, m=1, w_bits=4), True),
+    "i4a8_prefill": (K.int8_linear(100, 64, w_bits=4), False),
 }
 
 
@@ -53,6 +55,13 @@ def test_one_fused_kernel_per_linear(built):
     assert "threadIdx.y" in bodies["q4_decode_kernel"] and "__shared__" in bodies["q4_prefill_kernel"]
     # the int8 rescale (activation scale x per-channel weight scale) is fused after the int32 sum
     assert "w_scale_ptr[" in bodies["i8_decode_kernel"] and "a_zero_ptr[" in bodies["i8_prefill_kernel"]
+    # w4a8: the int4 words are shifted, masked and offset by 8 inside the int8 kernel (decode: in the int32
+    # update; prefill: into the shared-memory weight tile), then the same int32 sum and rescale
+    for name in ("i4a8_decode", "i4a8_prefill"):
+        body = bodies[f"{name}_kernel"]
+        assert "w_ptr[" in body and ">>" in body and "(uint)15" in body and "a_zero_ptr" in body, name
+    assert re.search(r"\(uint\)15\)\) - 8\)", bodies["i4a8_decode_kernel"])
+    assert re.search(r"__shared__ alignas\(64\) int decode_reindex(_pad)?_shared_ptr", bodies["i4a8_prefill_kernel"])
 
 
 def test_nvcc_compiles_a_cubin_for_the_arch(built):
