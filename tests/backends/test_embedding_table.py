@@ -43,7 +43,8 @@ def test_quantized_table_and_tied_head_match_the_dequantized_float_model(block, 
     reference.graph.initializers[table_name].const_value = ir.tensor(
         fake_quantize(table, table_spec("int8", block)), name=table_name)
 
-    p = QuantizeEmbeddingPass(table_spec("int8", block), tie_lm_head=True)
+    # accuracy_level 0: float activations, so the kernels must reproduce the dequantized model exactly
+    p = QuantizeEmbeddingPass(table_spec("int8", block), tie_lm_head=True, accuracy_level=0)
     p(model)
     ops = [n.op_type for n in model.graph]
     assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 1 and "Gather" not in ops
@@ -59,6 +60,22 @@ def test_quantized_table_and_tied_head_match_the_dequantized_float_model(block, 
     want = session_from_model(reference, threads=1).run(None, feed)[0]
     got = session_from_model(model, threads=1).run(None, feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_head_defaults_to_int8_activations_inside_the_kernel(llama_captured):
+    """The default lm_head runs at accuracy_level 4 (ORT's fast 8-bit path), off level 0 by int8 rounding only."""
+    models = {}
+    for level in (0, 4):
+        models[level] = llama_captured.model.clone()
+        QuantizeEmbeddingPass(table_spec("int8", 32), tie_lm_head=True, **({"accuracy_level": 0} if level == 0 else {}))(
+            models[level])
+    head = next(n for n in models[4].graph if n.op_type == "MatMulNBits")
+    assert head.attributes["accuracy_level"].value == 4
+    ids = np.random.default_rng(1).integers(0, 256, size=(1, 16), dtype=np.int64)
+    exact, fast = (session_from_model(models[level], threads=1).run(None, {models[level].graph.inputs[0].name: ids})[0]
+                   for level in (0, 4))
+    error = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
+    assert 0 < error < 2e-2, error
 
 
 def test_tied_head_needs_a_tied_model():
