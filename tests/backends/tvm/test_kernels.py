@@ -156,10 +156,11 @@ def test_cpu_schedule_is_parallel_and_vectorized():
 
 
 def test_int4_decode_is_fused_in_the_int8_cpu_schedules():
-    """w4a8 decode rows: shift and mask inside the int32 update; prefill: a decoded panel per parallel task."""
+    """w4a8 decode rows: shift and mask inside the int32 update; prefill: a decoded int8 panel per parallel task."""
     func = K.int8_linear(576, 1536, w_bits=4)
     decode = K.schedule_cpu(func, decode=True).script()
     assert 'sblock("decode")' not in decode and ">>" in decode and "T.uint32(15)" in decode
-    prefill = K.schedule_cpu(func, decode=False)
-    loops = prefill.script().split('sblock("decode")')[0]
+    prefill = K.schedule_cpu(func, decode=False).script()
+    loops = prefill.split('sblock("decode")')[0]
     assert "T.parallel" in loops and 'sblock("matmul' not in loops  # decode sits inside the parallel N loop
+    assert 'decode = T.sblock_alloc_buffer((T.int64(576), T.int64(1536)), "int8")' in prefill
