@@ -45,7 +45,8 @@ def _replace(graph: ir.Graph, old: ir.Node, op: str, inputs: list[ir.Value], att
     out = old.outputs[0]
     new.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     x = inputs[0]
-    new.outputs[0].shape = ir.Shape([*x.shape[:-1], attrs["N"]]) if x.shape is not None else out.shape
+    n = attrs.get("N_out", attrs["N"])
+    new.outputs[0].shape = ir.Shape([*x.shape[:-1], n]) if x.shape is not None else out.shape
     graph.insert_before(old, new)
     name = out.name
     out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
@@ -148,17 +149,25 @@ def _rewrite_int8(graph: ir.Graph, node: ir.Node, wdq: ir.Node) -> str:
         raise QGraphError(f"{node.name}: activations quantized to {a_dtype}", fix)
     base = wdq.inputs[0].name
     n = q.shape[1]
-    q = q.astype(np.int8)
-    # int4: 8 codes per uint32 word (kernels.pack_int4_signed) replace the int4 initializer
-    weight = wdq.inputs[0] if w_bits == 8 else _add(graph, f"{base}.w4", K.pack_int4_signed(q))
+    # QSM's split channels give N like 1537, and a kernel whose N is not a multiple of the vector width runs
+    # scalar (a 15x slower decode): pad N with zero channels (scale 0) and slice the output back
+    n_pad = -(-n // K.VEC) * K.VEC
+    q = np.pad(q.astype(np.int8), ((0, 0), (0, n_pad - n)))
+    scale = np.zeros(n_pad, np.float32)
+    scale[:n] = np.broadcast_to(w_scale.astype(np.float32).reshape(-1), (n,))
+    if w_bits == 4:  # 8 codes per uint32 word (kernels.pack_int4_signed) replace the int4 initializer
+        weight = _add(graph, f"{base}.w4", K.pack_int4_signed(q))
+    else:
+        weight = wdq.inputs[0] if n_pad == n else _add(graph, f"{base}.pad", q)
     inputs = [
         aq.outputs[0], weight,
         _add(graph, f"{base}.colsum", q.astype(np.int32).sum(0).astype(np.int32)),
         _add(graph, f"{base}.a_scale", a_scale.astype(np.float32)),
         _add(graph, f"{base}.a_zero", a_zero.astype(np.int32)),
-        _add(graph, f"{base}.w_scale", np.broadcast_to(w_scale.astype(np.float32).reshape(-1), (n,)).copy()),
+        _add(graph, f"{base}.w_scale", scale),
     ]
-    _replace(graph, node, "Int8Linear", inputs, {"K": q.shape[0], "N": n, "a_dtype": str(a_dtype), "w_bits": w_bits})
+    _replace(graph, node, "Int8Linear", inputs,
+             {"K": q.shape[0], "N": n_pad, "N_out": n, "a_dtype": str(a_dtype), "w_bits": w_bits})
     return "Int8Linear"
 
 
@@ -244,7 +253,10 @@ def _importer_class():
             gv = self._kernel(op_name, attrs, rows)
             y = self.bb.emit(relax.call_tir(gv, [x2, *[i for i in inputs[1:] if i is not None]],
                                             relax.TensorType((rows, n), "float32")))
-            return self.bb.normalize(relax.op.reshape(y, (*shape[:-1], n)))
+            n_out = int(attrs.get("N_out", n))
+            if n_out != n:  # channels padded to the vector width (_rewrite_int8)
+                y = self.bb.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[n_out]))
+            return self.bb.normalize(relax.op.reshape(y, (*shape[:-1], n_out)))
 
         def _kernel(self, op_name, attrs, rows):
             k, n = int(attrs["K"]), int(attrs["N"])

@@ -130,3 +130,42 @@ def test_cli_compile_backend_tvm_then_eval(tmp_path, llama_dir, text_file):
     assert abs(results[1]["ppl"] / results[0]["ppl"] - 1) < 0.02, results
     assert_user_error(cli("compile", llama_dir, "--recipe", "fp32", "--backend", "mlir", "-o", tmp_path / "x"),
                       "unknown backend 'mlir'", "--backend tvm")
+
+
+def _qdq_linear(n: int, w_bits: int, rng) -> ir.Model:
+    """x [1, 5, 24] -> QuantizeLinear -> DequantizeLinear -> MatMul with a per-channel int8 / int4 weight [24, n]."""
+    import ml_dtypes
+
+    def const(name, array):
+        return ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                        const_value=ir.tensor(array, name=name))
+
+    x = ir.Value(name="x", shape=ir.Shape([1, 5, 24]), type=ir.TensorType(ir.DataType.FLOAT))
+    a_scale, a_zero = const("a_scale", np.array(0.05, np.float32)), const("a_zero", np.array(128, np.uint8))
+    lo, dtype = (-8, ml_dtypes.int4) if w_bits == 4 else (-127, np.int8)
+    wq = const("wq", rng.integers(lo, -lo, (24, n)).astype(dtype))
+    ws = const("ws", (rng.random(n) * 0.1 + 0.01).astype(np.float32))
+    quant = ir.node("QuantizeLinear", [x, a_scale, a_zero])
+    dequant = ir.node("DequantizeLinear", [quant.outputs[0], a_scale, a_zero])
+    wdq = ir.node("DequantizeLinear", [wq, ws], attributes={"axis": 1})
+    mm = ir.node("MatMul", [dequant.outputs[0], wdq.outputs[0]])
+    y = mm.outputs[0]
+    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([1, 5, n])
+    graph = ir.Graph([x], [y], nodes=[quant, dequant, wdq, mm], initializers=[a_scale, a_zero, wq, ws],
+                     opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_odd_channel_count_is_padded_to_the_vector_width(w_bits):
+    """QSM's split channels give N like 1537: the kernel runs on N padded to 16 (zero channels), the output is sliced."""
+    rng = np.random.default_rng(0)
+    model = _qdq_linear(37, w_bits, rng)
+    x = (rng.standard_normal((1, 5, 24)) * 3).astype(np.float32)
+    ref = session_from_model(model, threads=1, optimize=False).run(None, {"x": x})[0]
+    L.rewrite_linears(model)
+    L.inline_constants(model, L.weight_names(model))
+    mod, params = tvm.relax.frontend.detach_params(L.import_onnx(ir.to_proto(model)))
+    assert [tuple(p.shape) for p in params["main"][:2]] == [((24 + 7) // 8 if w_bits == 4 else 24, 48), (48,)]
+    got = tvm.relax.VirtualMachine(A.build(mod), tvm.cpu())["main"](tvm.runtime.tensor(x), *params["main"]).numpy()
+    assert got.shape == (1, 5, 37) and np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
