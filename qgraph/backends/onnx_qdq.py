@@ -221,14 +221,40 @@ def session_options(threads: int = 2, optimize: bool = True, optimized_path: str
     return opts
 
 
+# Weights handed to ORT as arrays (add_external_initializers) rather than serialized into the proto:
+# SmolLM2's session builds in 0.7 s instead of 2.7 s (a 540 MB SerializeToString and parse saved).
+_IN_MEMORY = "qgraph-in-memory"
+_IN_MEMORY_MIN_BYTES = 1024  # shape constants stay inline: ORT's shape inference reads them from the proto
+_ARRAY_DTYPES = {np.dtype(t) for t in ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
+                                       "uint32", "int64", "uint64", "bool")}
+
+
 def session_from_model(model: ir.Model, threads: int = 2, optimize: bool = True):
-    """An ORT CPU session on an in-memory graph (under 2 GB)."""
+    """An ORT CPU session on an in-memory graph; large weights are passed as arrays, not serialized."""
     import onnxruntime as ort
 
-    proto = ir.serde.serialize_model(model)
-    return ort.InferenceSession(
-        proto.SerializeToString(), session_options(threads, optimize), providers=["CPUExecutionProvider"]
-    )
+    graph = model.graph
+    arrays: dict[str, np.ndarray] = {}
+    originals: dict[str, ir.TensorProtocol] = {}
+    for name, value in graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < _IN_MEMORY_MIN_BYTES:
+            continue
+        array = tensor.numpy()
+        if array.dtype not in _ARRAY_DTYPES:
+            continue  # int4 / float8 / float4 codes: ORT's numpy bridge has no such dtypes, serialize them
+        arrays[name], originals[name] = np.ascontiguousarray(array), tensor
+        value.const_value = ir.ExternalTensor(_IN_MEMORY, offset=0, length=array.nbytes, dtype=tensor.dtype,
+                                              shape=tensor.shape, name=name)
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for name, tensor in originals.items():
+            graph.initializers[name].const_value = tensor
+    opts = session_options(threads, optimize)
+    if arrays:
+        opts.add_external_initializers(list(arrays), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays.values()])
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def session_with_outputs(model: ir.Model, value_names: list[str], threads: int = 1, optimize: bool = False):
