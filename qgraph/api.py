@@ -162,7 +162,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         if verify and getattr(p, "function_preserving", False):
             from qgraph.eval.verify import check_pass, token_range, verification_inputs
 
-            vocab = token_range(graph_model.graph)
+            vocab = token_range(graph_model)
             in_shape = graph_model.graph.inputs[0].shape
             length = in_shape[1] if in_shape is not None and isinstance(in_shape[1], int) else 128  # static exports
             if isinstance(calib, TokenWindows) and length == 128:

@@ -39,17 +39,26 @@ QGRAPH_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-qsm", "w4a8-qsm", "w4a8-smooth", 
                   "fp4-noreparam"]
 
 
-def qgraph_cli(*args: str) -> float:
-    """Run the qgraph CLI; returns wall seconds."""
+def qgraph_cli(*args: str) -> None:
+    """Run the qgraph CLI (a separate process: its wall time includes start-up, as a user sees it)."""
     exe = shutil.which("qgraph") or str(Path(sys.executable).parent / "qgraph")
-    t = time.perf_counter()
     subprocess.run([exe, *args], check=True)
-    return time.perf_counter() - t
 
 
 def model_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.iterdir()
                if p.name.startswith("model.onnx") or p.suffix == ".data" or p.name in ("model.so", "params.npz"))
+
+
+def built_seconds(directory: Path, what: str, build) -> float:
+    """Wall seconds of build(), which writes the artifact `directory`; reused from DIR.wall.json when both exist."""
+    wall = directory.with_name(directory.name + ".wall.json")
+    if not (directory / "manifest.json").exists() or not wall.exists():
+        print(f"[compare] {what}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        build()
+        wall.write_text(json.dumps({"seconds": time.perf_counter() - t}))
+    return json.loads(wall.read_text())["seconds"]
 
 
 def tvm_rows(out: Path, recipes: list[str], rows: dict[str, dict]) -> dict[str, dict]:
@@ -65,14 +74,11 @@ def tvm_rows(out: Path, recipes: list[str], rows: dict[str, dict]) -> dict[str, 
         source = rows.get(f"qgraph {recipe}")
         if source is None:
             raise SystemExit(f"--tvm {recipe}: the table has no 'qgraph {recipe}' row to build from; add it to --recipes")
-        d, wall = out / f"tvm-llvm-{recipe}", out / f"tvm-llvm-{recipe}.wall.json"
-        if not (d / "manifest.json").exists() or not wall.exists():
-            print(f"[compare] TVM llvm build of qgraph {recipe}", file=sys.stderr, flush=True)
-            t = time.perf_counter()
-            lower_onnx_artifact(source["dir"], d, progress=False)
-            wall.write_text(json.dumps({"seconds": time.perf_counter() - t}))
+        d = out / f"tvm-llvm-{recipe}"
+        seconds = built_seconds(d, f"TVM llvm build of qgraph {recipe}",
+                                lambda d=d, src=source["dir"]: lower_onnx_artifact(src, d, progress=False))
         # quant wall: the qgraph compile of the source row plus the TVM build
-        built[f"tvm-llvm {recipe}"] = {"dir": d, "quant_s": source["quant_s"] + json.loads(wall.read_text())["seconds"]}
+        built[f"tvm-llvm {recipe}"] = {"dir": d, "quant_s": source["quant_s"] + seconds}
     return built
 
 
@@ -185,12 +191,9 @@ def main() -> None:
     rows: dict[str, dict] = {"qgraph fp32": {"dir": fp32_dir, "quant_s": 0.0}}
     for recipe in [r for r in args.recipes.split(",") if r]:
         d = out / f"qgraph-{recipe}"
-        wall = out / f"qgraph-{recipe}.wall.json"
-        if not (d / "manifest.json").exists() or not wall.exists():
-            print(f"[compare] qgraph compile --recipe {recipe}", file=sys.stderr, flush=True)
-            wall.write_text(json.dumps({"seconds": qgraph_cli("compile", str(fp32_onnx), "--recipe", recipe,
-                                                              "-o", str(d), "-q")}))
-        rows[f"qgraph {recipe}"] = {"dir": d, "quant_s": json.loads(wall.read_text())["seconds"]}
+        seconds = built_seconds(d, f"qgraph compile --recipe {recipe}",
+                                lambda d=d, r=recipe: qgraph_cli("compile", str(fp32_onnx), "--recipe", r, "-o", str(d), "-q"))
+        rows[f"qgraph {recipe}"] = {"dir": d, "quant_s": seconds}
     tvm = tvm_rows(out, [r for r in args.tvm.split(",") if r], rows)
     for name, seconds in ort_peers(fp32_onnx, out, calib, block_linear_nodes(fp32_onnx)).items():
         rows[name] = {"dir": out / name, "quant_s": seconds}

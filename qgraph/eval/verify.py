@@ -51,18 +51,16 @@ def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.linalg.norm(np.asarray(candidate, dtype=np.float64) - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def token_range(graph: ir.Graph) -> int:
+def token_range(model: ir.Model) -> int:
     """How many token ids the model's first input accepts: the row count of the embedding table it gathers.
 
     A decoder's logits width is its vocabulary, but an encoder's output width is its hidden size,
     so the table itself is the reliable source; 1000 when no constant table reads the input.
     """
-    ids = graph.inputs[0]
-    for user, index in ids.uses():
-        table = user.inputs[0]
-        if user.op_type == "Gather" and index == 1 and table is not None and table.const_value is not None:
-            return int(table.const_value.shape[0])
-    return 1000
+    from qgraph.ir.regions import find_embeddings
+
+    ids = model.graph.inputs[0]
+    return next((int(node.inputs[0].shape[0]) for _, node in find_embeddings(model) if node.inputs[1] is ids), 1000)
 
 
 def verification_inputs(vocab: int, real: np.ndarray | None = None, *, random_rows: int = 2, length: int = 64,
