@@ -55,14 +55,11 @@ def compile_cmd(
         raise QGraphError(f"unknown backend {backend!r}", "use --backend onnxruntime or --backend tvm")
     if backend == "tvm":
         from qgraph.backends.tvm import require_tvm
-        from qgraph.backends.tvm.cuda import parse_archs, require_nvcc
+        from qgraph.backends.tvm.artifact import check_target
+        from qgraph.backends.tvm.cuda import parse_archs
 
         require_tvm()
-        if target not in ("llvm", "cuda"):
-            raise QGraphError(f"TVM target {target!r} is not supported", "use --target llvm or --target cuda")
-        archs = parse_archs(arch) if target == "cuda" else None
-        if target == "cuda":
-            require_nvcc()
+        archs = check_target(target, parse_archs(arch) if target == "cuda" else None)
     if arch is not None and (backend != "tvm" or target != "cuda"):
         raise QGraphError("--arch applies to --backend tvm --target cuda only", "drop --arch or add --target cuda")
     t0 = time.perf_counter()

@@ -73,6 +73,18 @@ def build(mod, target=None):
     return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
 
 
+def check_target(target: str, archs=None) -> tuple[str, ...] | None:
+    """Refuse an unknown target (or cuda without nvcc) before any long work; the CUDA archs, None for llvm."""
+    if target not in ("llvm", "cuda"):
+        raise QGraphError(f"TVM target {target!r} is not supported", "use --target llvm or --target cuda")
+    if target == "llvm":
+        return None
+    from qgraph.backends.tvm import cuda as C
+
+    C.require_nvcc()
+    return tuple(archs or C.DEFAULT_ARCHS)
+
+
 def save_artifact(compiled, out_dir: str | Path, *, target: str = "llvm", archs=None, lengths=LENGTHS,
                   progress: bool = True) -> Path:
     """Write a TVM artifact directory for a qgraph CompiledModel: model.so, params.npz, tokenizer, manifest, report.
@@ -84,11 +96,7 @@ def save_artifact(compiled, out_dir: str | Path, *, target: str = "llvm", archs=
     from qgraph.backends.tvm import cuda as C
     from qgraph.progress import status
 
-    if target not in ("llvm", "cuda"):
-        raise QGraphError(f"TVM target {target!r} is not supported", "use --target llvm or --target cuda")
-    if target == "cuda":
-        archs = tuple(archs or C.DEFAULT_ARCHS)
-        C.require_nvcc()  # before the long lowering
+    archs = check_target(target, archs)  # before the long lowering
     t0 = time.perf_counter()
     tgt = host_target() if target == "llvm" else C.base_target(archs)
     mod, params, names, counts = lower_to_relax(compiled.model, lengths, tgt, progress)

@@ -330,16 +330,12 @@ def build_cuda(funcs: dict, arch: str = "sm_80") -> tuple[str, bytes]:
     explicitly; the cubin is what a GPU machine loads without a compiler.
     """
     tvm = _tvm()
-    import shutil
-
     from tvm.support import nvcc
 
     from qgraph.backends.tvm import cuda_target
-    from qgraph.errors import QGraphError
+    from qgraph.backends.tvm.cuda import require_nvcc
 
-    if shutil.which("nvcc") is None:
-        raise QGraphError("building the cuda target needs nvcc, which is not on PATH",
-                          "install the CUDA toolkit (nvcc) or use --target llvm")
+    require_nvcc()
     target = cuda_target(arch)
     with target:
         scheduled = {name: schedule_cuda(func, decode=decode).with_attr("global_symbol", name)
