@@ -284,6 +284,14 @@ def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows
             targets=tuple(options.get("targets", exp_bias.DEFAULT_TARGETS)),
             clips=tuple(options.get("clips", exp_bias.DEFAULT_CLIPS)),
             sample_tokens=int(options.get("sample_tokens", 256)), progress=progress)
+    if name == "gptq":
+        from qgraph.passes.gptq import DEFAULT_DAMP, ErrorFeedbackRoundingPass
+
+        if w_spec is None or not w_spec.symmetric or w_spec.granularity == "tensor":
+            raise QGraphError(f"recipe {recipe.name}: gptq keeps per-channel or per-group scales of a symmetric "
+                              "weight format", "set weights granularity: channel (or group) with symmetric: true")
+        return ErrorFeedbackRoundingPass(windows, w_spec, damp=float(options.get("damp", DEFAULT_DAMP)),
+                                         act_order=bool(options.get("act_order", True)), progress=progress)
     raise QGraphError(f"recipe {recipe.name}: pass {name!r} is not available", "see qgraph.recipes.PASS_OPTIONS")
 
 

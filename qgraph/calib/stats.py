@@ -32,15 +32,22 @@ class ChannelStats:
     abs_sum: np.ndarray
     count: int = 0
     samples: list[np.ndarray] = dataclasses.field(default_factory=list)  # token rows kept for searches
+    gram: np.ndarray | None = None  # sum of x^T x over every token, [C, C] float64, when asked for
 
     @classmethod
     def empty(cls, channels: int) -> ChannelStats:
         return cls(np.full(channels, np.inf), np.full(channels, -np.inf), np.zeros(channels), 0)
 
-    def update(self, x: np.ndarray, sample_stride: int = 0, sink_positions: int = 0) -> None:
-        """Fold one window's activations [..., T, C] in; keep every sample_stride-th row and the first sink_positions."""
+    def update(self, x: np.ndarray, sample_stride: int = 0, sink_positions: int = 0, gram: bool = False) -> None:
+        """Fold one window's activations [..., T, C] in; keep every sample_stride-th row and the first sink_positions.
+
+        gram=True also accumulates x^T x (one window's product in float32, the running sum in float64).
+        """
         x = np.asarray(x, dtype=np.float32)
         x2 = x.reshape(-1, x.shape[-1])
+        if gram:
+            g = (x2.T @ x2).astype(np.float64)
+            self.gram = g if self.gram is None else self.gram + g
         if sample_stride:
             rows = np.arange(sample_stride // 2, x2.shape[0], sample_stride)
             if sink_positions and x.ndim >= 2:
@@ -85,12 +92,14 @@ def collect_stats(
     threads: int = CALIB_THREADS,
     progress: bool = True,
     sample_tokens: int = 0,
+    gram: bool = False,
 ) -> dict[str, ChannelStats]:
     """Per-channel statistics of the named values over the calibration windows.
 
     sample_tokens > 0 also keeps about that many evenly spaced token rows of each value, plus the
     first SINK_POSITIONS positions of every window, for searches (smoothing strength, clipping)
-    that need real activations, not just ranges.
+    that need real activations, not just ranges. gram=True accumulates each value's x^T x over
+    every calibration token (error-feedback rounding needs the full second moment).
     """
     from qgraph.backends.onnx_qdq import session_with_outputs
 
@@ -106,7 +115,7 @@ def collect_stats(
         for name, arr in zip(wanted, outs, strict=True):
             if name not in stats:
                 stats[name] = ChannelStats.empty(arr.shape[-1])
-            stats[name].update(arr, stride, SINK_POSITIONS if stride else 0)
+            stats[name].update(arr, stride, SINK_POSITIONS if stride else 0, gram=gram)
     return stats
 
 

@@ -22,6 +22,7 @@ PASS_OPTIONS: dict[str, set[str]] = {
     "clip_search": {"ratios", "sample_tokens"},
     "fold_norm_affine": set(),
     "exp_bias": {"max_shift", "targets", "clips", "sample_tokens"},
+    "gptq": {"damp", "act_order"},
 }
 _LAYER_KEYS = {"select", "skip"}
 _WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
@@ -174,6 +175,11 @@ def _passes(items: Any, origin: str) -> tuple[tuple[str, dict], ...]:
                               (f"did you mean {near[0]!r}? " if near else "") + f"known passes: {', '.join(PASS_OPTIONS)}")
         options = _check_keys(options or {}, PASS_OPTIONS[name], f"passes.{name}", origin)
         out.append((name, dict(options)))
+    names = [name for name, _ in out]
+    if "gptq" in names and names[-1] != "gptq":
+        after = names[names.index("gptq") + 1]
+        raise QGraphError(f"recipe {origin}: pass {after!r} runs after gptq and would move the weights off the grid "
+                          "gptq rounded them to", "list gptq last in passes")
     return tuple(out)
 
 

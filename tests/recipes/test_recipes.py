@@ -47,6 +47,9 @@ def test_nested_typo_and_bad_values(tmp_path):
     p.write_text("weights:\n  format: int8\nlowering: fp4-emulated\n")
     with pytest.raises(QGraphError, match="fp4-emulated in the blocks emulates fp4_e2m1"):
         load_recipe(p)
+    p.write_text("weights:\n  format: fp8_e4m3\n  granularity: channel\npasses:\n  - gptq: {}\n  - smooth: {}\n")
+    with pytest.raises(QGraphError, match="'smooth' runs after gptq"):
+        load_recipe(p)
     p.write_text("weights: [1, 2\n")
     with pytest.raises(QGraphError, match="not valid YAML"):
         load_recipe(p)
