@@ -287,9 +287,9 @@ def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows
     if name == "gptq":
         from qgraph.passes.gptq import DEFAULT_DAMP, ErrorFeedbackRoundingPass
 
-        if w_spec is None or not w_spec.symmetric or w_spec.granularity == "tensor":
-            raise QGraphError(f"recipe {recipe.name}: gptq keeps per-channel or per-group scales of a symmetric "
-                              "weight format", "set weights granularity: channel (or group) with symmetric: true")
+        if w_spec is None or w_spec.granularity == "tensor":
+            raise QGraphError(f"recipe {recipe.name}: gptq rounds quantized weights with per-channel or per-group "
+                              "scales", "set weights granularity: channel or group")
         return ErrorFeedbackRoundingPass(windows, w_spec, damp=float(options.get("damp", DEFAULT_DAMP)),
                                          act_order=bool(options.get("act_order", True)), progress=progress)
     raise QGraphError(f"recipe {recipe.name}: pass {name!r} is not available", "see qgraph.recipes.PASS_OPTIONS")

@@ -7,14 +7,15 @@ the later rows j. It minimises the same output error clip search measures, d^T H
 time instead of choosing a range. Rows go in order of decreasing H_kk (the inputs that carry the
 most energy are rounded first, while the most float rows are left to absorb their error).
 
-The scales stay those of the original weights: every scale group keeps its largest-magnitude
-element on the grid's end, so the lowering, which derives scales from the weights' range,
-recomputes the same scales and re-rounds these weights to themselves. Changes outputs on
+The scales (and zero points) stay those of the original weights: every scale group keeps the
+elements that set its range on the grid's ends (its largest |w|; for asymmetric grids its min and
+its max), so the lowering, which derives scales from the weights' range, recomputes the same
+parameters and re-rounds these weights to themselves. Changes outputs on
 purpose: not function-preserving (the verifier leaves it out).
 
 Written here rather than taken from a library: the GPTQ implementations on PyPI (auto-gptq,
 gptqmodel, llm-compressor) work on torch modules with integer grids; this one works on the ONNX
-graph's weights with any symmetric grid qgraph lowers, including FP8 E4M3.
+graph's weights with any grid qgraph lowers: int4/int8 with or without zero points, FP8 E4M3, FP4 E2M1.
 """
 
 from __future__ import annotations
@@ -49,17 +50,19 @@ def _element_scales(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndar
 
 
 def _pinned(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """Mask of the element that sets each scale group's range (largest |w| per group and column)."""
+    """Mask of the elements that set each scale group's range: largest |w|, or min and max (zero points)."""
     k, n = w.shape
     size = k if spec.granularity != "block" else spec.block_size
     mask = np.zeros((k, n), dtype=bool)
+    ends = (np.abs,) if spec.symmetric else (np.negative, np.positive)
     for a in range(0, k, size):
-        g = np.abs(w[a : a + size])
-        if spec.granularity == "tensor":
-            idx = np.unravel_index(int(np.argmax(g)), g.shape)
-            mask[a + idx[0], idx[1]] = True
-        else:
-            mask[a + np.argmax(g, axis=0), np.arange(n)] = True
+        for end in ends:
+            g = end(w[a : a + size])
+            if spec.granularity == "tensor":
+                idx = np.unravel_index(int(np.argmax(g)), g.shape)
+                mask[a + idx[0], idx[1]] = True
+            else:
+                mask[a + np.argmax(g, axis=0), np.arange(n)] = True
     return mask
 
 
@@ -67,10 +70,8 @@ def gptq_weight(w: np.ndarray, gram: np.ndarray, spec: QuantSpec, *, damp: float
                 block: int = DEFAULT_BLOCK, act_order: bool = True) -> np.ndarray:
     """w [K, N] rounded to spec's grid with error feedback under H = gram [K, K]; returns the dequantized weights.
 
-    The result quantizes to itself with scales from its own range (the lowering's round trip).
+    The result quantizes to itself with parameters from its own range (the lowering's round trip).
     """
-    if not spec.symmetric:
-        raise ValueError("error-feedback rounding keeps the original scales, which needs a symmetric grid")
     w0 = np.asarray(w, dtype=np.float32)
     k, n = w0.shape
     scale, zp = _element_scales(w0, spec)
@@ -123,8 +124,6 @@ class ErrorFeedbackRoundingPass(ir.passes.InPlacePass):
     def __init__(self, windows: TokenWindows, spec: QuantSpec, *, damp: float = DEFAULT_DAMP, act_order: bool = True,
                  progress: bool = True):
         super().__init__()
-        if not spec.symmetric:
-            raise ValueError("gptq keeps the original weight scales, which needs a symmetric weight format")
         self.windows, self.spec, self.damp, self.act_order, self.progress = windows, spec, damp, act_order, progress
         self.error_ratio: dict[str, float] = {}
 
