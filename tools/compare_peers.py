@@ -34,7 +34,7 @@ from qgraph.eval.bench import time_forward  # noqa: E402
 from qgraph.eval.perplexity import perplexity  # noqa: E402
 from qgraph.ir.capture import load_tokenizer  # noqa: E402
 
-TVM_RECIPES = ["fp32", "w8a8", "w4a16"]
+TVM_RECIPES = ["fp32", "w8a8", "w4a16", "w4a8-smooth"]
 QGRAPH_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-qsm", "w4a8-qsm", "w4a8-smooth", "w4a16", "w4a16-awq", "fp8", "fp4",
                   "fp4-noreparam"]
 
