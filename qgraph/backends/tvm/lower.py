@@ -115,12 +115,43 @@ def _rewrite_matmul(graph: ir.Graph, node: ir.Node) -> str | None:
     if weight is not None:
         if weight.ndim != 2 or weight.dtype != np.float32:
             return None
-        _replace(graph, node, "F32Linear", [x, _add(graph, f"{w.name}.kn", weight)],
-                 {"K": weight.shape[0], "N": weight.shape[1]})
+        kn = _add(graph, f"{w.name}.kn", weight)
+        _replace(graph, node, "F32Linear", [x, kn], {"K": weight.shape[0], "N": weight.shape[1]})
+        if _const(w) is None:  # the tied lm_head: its table's lookups move onto this copy
+            _gather_from_transposed(graph, producer.inputs[0], kn)
         return "F32Linear"
     if producer is None or producer.op_type != "DequantizeLinear" or _const(producer.inputs[0]) is None:
         return None  # activation x activation (attention): the frontend's matmul
     return _rewrite_int8(graph, node, producer)
+
+
+def _gather_from_transposed(graph: ir.Graph, table: ir.Value, table_kn: ir.Value) -> None:
+    """Embedding lookups on a tied table [V, D] read the lm_head kernel's [D, V] copy instead.
+
+    Gather(table, ids) == Transpose(Gather(table_kn, ids, axis=1)): the table is then stored once
+    (SmolLM2: 113 MB less). The lookup reads D strided values per token, nothing next to the lm_head.
+    """
+    for user, index in list(table.uses()):
+        axis = user.attributes.get("axis")
+        ids = user.inputs[1] if len(user.inputs) > 1 else None
+        if user.op_type != "Gather" or index != 0 or (axis is not None and axis.value != 0) or ids is None \
+                or ids.shape is None:
+            continue
+        rank = len(ids.shape)
+        gather = ir.node("Gather", [table_kn, ids], attributes={"axis": 1}, name=f"{user.name}.kn")
+        turn = ir.node("Transpose", gather.outputs, attributes={"perm": [*range(1, rank + 1), 0]},
+                       name=f"{user.name}.rows")
+        out = user.outputs[0]
+        for value, shape in ((gather.outputs[0], [table_kn.shape[0], *ids.shape]), (turn.outputs[0], out.shape)):
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+            value.shape = ir.Shape(shape) if shape is not None else None
+        graph.insert_before(user, [gather, turn])
+        name = out.name
+        out.replace_all_uses_with(turn.outputs[0], replace_graph_outputs=True)
+        graph.remove(user, safe=True)
+        turn.outputs[0].name = name
+    if not table.uses() and table.name in graph.initializers:
+        graph.initializers.pop(table.name)
 
 
 def _rewrite_int8(graph: ir.Graph, node: ir.Node, wdq: ir.Node) -> str:

@@ -169,3 +169,12 @@ def test_odd_channel_count_is_padded_to_the_vector_width(w_bits):
     assert [tuple(p.shape) for p in params["main"][:2]] == [((24 + 7) // 8 if w_bits == 4 else 24, 48), (48,)]
     got = tvm.relax.VirtualMachine(A.build(mod), tvm.cpu())["main"](tvm.runtime.tensor(x), *params["main"]).numpy()
     assert got.shape == (1, 5, 37) and np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_tied_table_is_stored_once(llama_captured):
+    """The embedding lookup reads the lm_head kernel's [D, V] copy: no [V, D] table among the parameters."""
+    compiled = qgraph.compile(llama_captured, "fp32", progress=False)
+    _, params, names, _ = A.lower_to_relax(compiled.model, LENGTHS)
+    shapes = [tuple(params[n].shape) for n in names["seq1"]]
+    assert (64, 256) in shapes and (256, 64) not in shapes, shapes
+    assert set(names["seq1"]) == set(names["seq8"])
