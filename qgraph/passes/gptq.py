@@ -38,6 +38,8 @@ DEFAULT_BLOCK = 128  # rows rounded between two full updates of the remaining ro
 
 def _element_scales(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point of every element of w [K, N] under spec, from w's own range."""
+    if (spec.granularity == "channel" and spec.axis % 2 != 1) or (spec.granularity == "block" and spec.axis % 2 != 0):
+        raise ValueError(f"gptq reads weights as [in, out]: channels along axis 1, groups along axis 0 (got {spec.describe()})")
     lo, hi = tensor_range(w, spec)
     scale, zp = qparams_from_range(lo, hi, spec)
     k, n = w.shape

@@ -84,6 +84,12 @@ def test_all_positive_groups_keep_their_zero_point():
     assert q[:32].min() >= 0.0
 
 
+def test_weights_are_read_as_inputs_by_outputs():
+    w, x = _correlated()
+    with pytest.raises(ValueError, match=r"\[in, out\]"):
+        gptq_weight(w, x.T @ x, QuantSpec("fp8_e4m3", "channel", axis=0))
+
+
 def _windows() -> TokenWindows:
     return TokenWindows(np.random.default_rng(3).integers(0, 256, size=(4, 32), dtype=np.int64), 0, "random")
 
