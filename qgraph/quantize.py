@@ -66,7 +66,7 @@ def qparams_from_range(
     return scale, zp.astype(spec.storage_dtype)
 
 
-def _expand(p: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> np.ndarray:
+def broadcast_params(p: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> np.ndarray:
     """Broadcast per-channel or per-block parameters to the full tensor shape."""
     p = np.asarray(p)
     if spec.granularity == "tensor" or p.ndim == 0:
@@ -82,10 +82,10 @@ def _expand(p: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> np.ndarra
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """ONNX QuantizeLinear in numpy (saturating; float formats round to nearest even)."""
     x = np.asarray(x, dtype=np.float32)
-    s = _expand(scale, x.shape, spec).astype(np.float32)
+    s = broadcast_params(scale, x.shape, spec).astype(np.float32)
     if spec.is_float:
         return np.clip(x / s, spec.qmin, spec.qmax).astype(spec.storage_dtype)
-    z = _expand(zero_point, x.shape, spec).astype(np.float32)
+    z = broadcast_params(zero_point, x.shape, spec).astype(np.float32)
     q = np.clip(np.round(x / s) + z, spec.qmin, spec.qmax)
     return q.astype(spec.storage_dtype)
 
@@ -93,10 +93,10 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: Qua
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """ONNX DequantizeLinear in numpy."""
     qf = np.asarray(q).astype(np.float32)
-    s = _expand(scale, qf.shape, spec).astype(np.float32)
+    s = broadcast_params(scale, qf.shape, spec).astype(np.float32)
     if spec.is_float:
         return qf * s
-    z = _expand(zero_point, qf.shape, spec).astype(np.float32)
+    z = broadcast_params(zero_point, qf.shape, spec).astype(np.float32)
     return ((qf - z) * s).astype(np.float32)
 
 

@@ -30,7 +30,7 @@ from qgraph.calib.stats import collect_stats
 from qgraph.ir.qspec import QuantSpec
 from qgraph.ir.regions import find_linears, weight_array
 from qgraph.ir.rewrite import set_linear_weight
-from qgraph.quantize import dequantize, qparams_from_range, quantize, tensor_range
+from qgraph.quantize import broadcast_params, dequantize, fake_quantize, qparams_from_range, quantize, tensor_range
 
 DEFAULT_DAMP = 0.01  # of the mean diagonal of H, added to it: keeps H^-1 well conditioned
 DEFAULT_BLOCK = 128  # rows rounded between two full updates of the remaining rows (same result, fewer passes)
@@ -40,15 +40,9 @@ def _element_scales(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndar
     """Scale and zero point of every element of w [K, N] under spec, from w's own range."""
     if (spec.granularity == "channel" and spec.axis % 2 != 1) or (spec.granularity == "block" and spec.axis % 2 != 0):
         raise ValueError(f"gptq reads weights as [in, out]: channels along axis 1, groups along axis 0 (got {spec.describe()})")
-    lo, hi = tensor_range(w, spec)
-    scale, zp = qparams_from_range(lo, hi, spec)
-    k, n = w.shape
-    if spec.granularity == "tensor":
-        return np.full((k, n), scale, np.float32), np.full((k, n), zp).astype(spec.storage_dtype)
-    if spec.granularity == "channel":
-        return np.broadcast_to(scale[None, :], (k, n)).copy(), np.broadcast_to(zp[None, :], (k, n)).copy()
-    rows = np.arange(k) // spec.block_size  # block granularity along the input axis
-    return scale[rows], zp[rows]
+    scale, zp = qparams_from_range(*tensor_range(w, spec), spec)
+    return (np.broadcast_to(broadcast_params(scale, w.shape, spec), w.shape).copy(),
+            np.broadcast_to(broadcast_params(zp, w.shape, spec), w.shape).copy())
 
 
 def _pinned(w: np.ndarray, spec: QuantSpec) -> np.ndarray:
@@ -114,7 +108,7 @@ def gptq_weight(w: np.ndarray, gram: np.ndarray, spec: QuantSpec, *, damp: float
 
 def output_error(w: np.ndarray, q: np.ndarray, gram: np.ndarray) -> float:
     """Sum over outputs of d^T H d, d = w - q: the squared output error on the calibration tokens."""
-    d = (np.asarray(w, np.float64) - q).astype(np.float64)
+    d = np.asarray(w, np.float64) - q
     return float(np.einsum("kn,kn->", gram @ d, d))
 
 
@@ -126,6 +120,8 @@ class ErrorFeedbackRoundingPass(ir.passes.InPlacePass):
     def __init__(self, windows: TokenWindows, spec: QuantSpec, *, damp: float = DEFAULT_DAMP, act_order: bool = True,
                  progress: bool = True):
         super().__init__()
+        if spec.granularity == "tensor":
+            raise ValueError("gptq needs per-channel or per-group weight scales (per tensor would mix linears)")
         self.windows, self.spec, self.damp, self.act_order, self.progress = windows, spec, damp, act_order, progress
         self.error_ratio: dict[str, float] = {}
 
@@ -143,25 +139,15 @@ class ErrorFeedbackRoundingPass(ir.passes.InPlacePass):
             # Linears that read one input share H: round them as one wide matrix, one factorisation.
             weights = [weight_array(layer) for layer in group]
             wide = np.concatenate(weights, axis=1)
-            rounded = gptq_weight(wide, gram, self._wide_spec(), damp=self.damp, act_order=self.act_order)
+            rounded = gptq_weight(wide, gram, self.spec, damp=self.damp, act_order=self.act_order)
             start = 0
             for layer, w in zip(group, weights, strict=True):
                 q = rounded[:, start : start + w.shape[1]]
                 start += w.shape[1]
-                plain = dequantize(*self._rtn(w), self.spec)
+                plain = fake_quantize(w, self.spec)
                 self.error_ratio[layer.name] = output_error(w, q, gram) / max(output_error(w, plain, gram), 1e-30)
                 set_linear_weight(model.graph, layer, np.ascontiguousarray(q))
         return ir.passes.PassResult(model, modified=bool(layers))
-
-    def _wide_spec(self) -> QuantSpec:
-        if self.spec.granularity == "tensor":
-            raise ValueError("gptq needs per-channel or per-group weight scales (per tensor would mix linears)")
-        return self.spec
-
-    def _rtn(self, w: np.ndarray):
-        lo, hi = tensor_range(w, self.spec)
-        scale, zp = qparams_from_range(lo, hi, self.spec)
-        return quantize(w, scale, zp, self.spec), scale, zp
 
     def summary(self) -> dict:
         r = list(self.error_ratio.values())
