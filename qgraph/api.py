@@ -187,7 +187,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     run(annotate, "annotate_linears")
     if recipe.needs_calibration and annotate.annotated and any(n.activation for n in annotate.annotated.values()):
         run(CalibrateRangesPass(calib, progress=progress), "calibrate_ranges")
-    run(LowerToOnnxPass(), "lower_onnx")
+    run(LowerToOnnxPass(int8_kernel=recipe.int8_kernel), "lower_onnx")
     if recipe.embedding is not None:
         from qgraph.backends.embedding_table import QuantizeEmbeddingPass, table_spec
 

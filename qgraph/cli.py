@@ -42,6 +42,10 @@ def compile_cmd(
     backend: str = typer.Option("onnxruntime", "--backend", help="onnxruntime, or tvm (needs pip install 'qgraph[tvm]')."),
     target: str = typer.Option("llvm", "--target", help="TVM target: llvm (this CPU) or cuda (built here, runs on a GPU)."),
     arch: str | None = typer.Option(None, "--arch", help="CUDA architectures for --target cuda (default sm_80,sm_90)."),
+    int8_kernel: str | None = typer.Option(
+        None, "--int8-kernel",
+        help="ORT int8 GEMM for w8a8 layers: u8u8 (default; exact on every CPU), s7 (7-bit weights, exact, "
+             "u8 x s8 speed), u8s8 (fastest; saturates on CPUs without VNNI). Overrides the recipe's int8_kernel."),
 ) -> None:
     """Capture MODEL, apply RECIPE and write an ONNX Runtime (or TVM) artifact directory."""
     import qgraph
@@ -50,6 +54,8 @@ def compile_cmd(
     from qgraph.artifact import check_output_dir
 
     recipe_obj = qgraph.load_recipe(recipe)  # fail fast on a bad recipe or output, before a long export
+    if int8_kernel is not None:
+        recipe_obj = recipe_obj.with_int8_kernel(int8_kernel)
     check_output_dir(out)
     if backend not in ("onnxruntime", "tvm"):
         raise QGraphError(f"unknown backend {backend!r}", "use --backend onnxruntime or --backend tvm")

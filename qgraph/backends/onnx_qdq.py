@@ -15,6 +15,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from qgraph.backends.int8_kernels import DEFAULT as DEFAULT_INT8_KERNEL
+from qgraph.backends.int8_kernels import KERNELS
+from qgraph.backends.int8_kernels import int8_kernel as get_int8_kernel
 from qgraph.errors import QGraphError
 from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotation_of, range_of
 from qgraph.ir.regions import find_linears, weight_array
@@ -57,23 +60,32 @@ def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.nda
     return packed, scales, zero_points
 
 
-def kernel_for(note: LayerAnnotation) -> str:
+def fused_int8(note: LayerAnnotation) -> bool:
+    """Whether ORT fuses this QDQ layer into MatMulIntegerToFloat: 8-bit integer weights x 8-bit per-tensor activations."""
+    a = note.activation
+    return (note.weight.format in ("int8", "int7") and a is not None and a.format in ("int8", "uint8")
+            and a.granularity == "tensor")
+
+
+def kernel_for(note: LayerAnnotation, int8_kernel: str = DEFAULT_INT8_KERNEL) -> str:
     """What ONNX Runtime's CPU provider runs for a QDQ-lowered layer (checked on its optimized graph)."""
     w, a = note.weight, note.activation
     if "fp4_e2m1" in (w.format, a and a.format):
         return "standard opset-23 float4e2m1 Q/DQ (no ORT 1.32 CPU kernel: lowering fp4-emulated runs in ORT)"
-    if w.format == "int8" and a is not None and a.format in ("int8", "uint8") and a.granularity == "tensor":
-        return "QDQ -> MatMulIntegerToFloat (fused int8)"
+    if fused_int8(note):
+        storage = "u8 x u8" if KERNELS[int8_kernel].weight_storage == "uint8" else "u8 x s8"
+        return f"QDQ -> MatMulIntegerToFloat (fused int8, {storage}, {w.format} weights)"
     return "explicit Q -> DQ + float MatMul (ORT CPU has no fused kernel for this format)"
 
 
 class LowerToOnnxPass(ir.passes.InPlacePass):
     """Replace annotations with QuantizeLinear/DequantizeLinear pairs or MatMulNBits nodes."""
 
-    def __init__(self, accuracy_level: int = 4):
+    def __init__(self, accuracy_level: int = 4, int8_kernel: str = DEFAULT_INT8_KERNEL):
         super().__init__()
         # MatMulNBits accuracy_level 4: int8 activations inside the kernel (ORT's fastest CPU path).
         self.accuracy_level = accuracy_level
+        self.int8_kernel = get_int8_kernel(int8_kernel)
         self.lowered: dict[str, str] = {}
         self.fallbacks: list[str] = []
 
@@ -95,19 +107,24 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                 continue
             if "fp4_e2m1" in (note.weight.format, note.activation and note.activation.format):
                 model.opset_imports[""] = max(23, model.opset_imports.get("", 23))  # float4e2m1 Q/DQ is opset 23
-            self._lower_weight_qdq(graph, layer, note.weight)
+            fused = fused_int8(note)
+            self._lower_weight_qdq(graph, layer, note.weight, self.int8_kernel.weight_storage if fused else "int8")
             if note.activation is not None:
                 self._lower_activation_qdq(graph, layer, note, activation_dq)
-            self.lowered[layer.name] = kernel_for(note)
+            self.lowered[layer.name] = kernel_for(note, self.int8_kernel.name)
         ir.passes.common.RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified=bool(self.lowered))
 
     def summary(self) -> dict:
-        return {"lowered": len(self.lowered), "ops": dict(collections.Counter(self.lowered.values()))}
+        return {"lowered": len(self.lowered), "ops": dict(collections.Counter(self.lowered.values())),
+                "int8_kernel": self.int8_kernel.name}
 
-    def _lower_weight_qdq(self, graph: ir.Graph, layer, spec: QuantSpec) -> None:
+    def _lower_weight_qdq(self, graph: ir.Graph, layer, spec: QuantSpec, storage: str = "int8") -> None:
         w = weight_array(layer)
         q, scale, zp = quantize_tensor(w, spec)
+        if storage == "uint8" and spec.storage_dtype is np.int8:
+            # The same grid shifted by 128, so ORT runs its u8 x u8 kernel (exact on every CPU; see int8_kernels).
+            q, zp = (q.astype(np.int16) + 128).astype(np.uint8), (zp.astype(np.int16) + 128).astype(np.uint8)
         q_v = add_initializer(graph, f"{layer.name}.weight_q", q)
         base = q_v.name
         s_v = add_initializer(graph, f"{base}.scale", scale)
@@ -144,12 +161,14 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                 "run calibration before lowering (qgraph.compile does this for static recipes)",
             )
         # One QuantizeLinear -> DequantizeLinear pair per activation tensor, shared by its readers
-        # (q/k/v, gate/up). Symmetric int8 is stored as uint8 with zero point 128 -- the same grid
-        # (scale max|x|/127) in the form ORT's x86 kernels take (u8 activations x s8 weights).
+        # (q/k/v, gate/up). int8 is stored as uint8 with its zero point + 128 -- the same grid
+        # (symmetric: scale max|x|/127, zero point 128) in the form ORT's x86 int8 kernels take.
         # Signed int8 activations fuse only as 1:1 Q->DQ pairs and then run ~4x slower (measured).
         if x.name not in shared:
-            storage = QuantSpec("uint8", "tensor") if spec.format == "int8" and spec.symmetric else spec
-            scale, zp = qparams_from_range(np.asarray(rng[0]), np.asarray(rng[1]), storage)
+            storage = QuantSpec("uint8", "tensor") if spec.format == "int8" else spec
+            scale, zp = qparams_from_range(np.asarray(rng[0]), np.asarray(rng[1]), spec)
+            if spec.format == "int8":
+                zp = (zp.astype(np.int16) + 128).astype(np.uint8)
             s_v = add_initializer(graph, f"{x.name}.act_scale", scale.reshape(()))
             z_v = add_initializer(graph, f"{s_v.name}.zero_point", zp.reshape(()))
             qn = ir.node("QuantizeLinear", [x, s_v, z_v], name=f"{x.name}/act_q")

@@ -12,7 +12,8 @@ from qgraph.errors import QGraphError
 
 RECIPE_DIR = Path(__file__).parent
 
-_TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations", "lm_head", "embedding", "lowering"}
+_TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations", "lm_head", "embedding", "lowering",
+             "int8_kernel"}
 # Graph passes a recipe may run before annotation, with the options each accepts.
 PASS_OPTIONS: dict[str, set[str]] = {
     "smooth": {"alpha", "grid", "sample_tokens"},
@@ -67,6 +68,7 @@ class Recipe:
     skip: tuple[str, ...] = ()
     passes: tuple[tuple[str, dict], ...] = ()
     source: str = ""
+    int8_kernel: str = "u8u8"  # ORT's int8 GEMM for int8-weight x 8-bit-activation layers (backends.int8_kernels)
 
     @property
     def quantizes(self) -> bool:
@@ -79,6 +81,26 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def with_int8_kernel(self, name: str, where: str = "--int8-kernel") -> Recipe:
+        """This recipe lowered for another int8 kernel: layers on the old kernel's weight grid move to the new one's.
+
+        `s7` rounds the fused int8 layers' weights to 7 bits, so passes that search or round weights
+        (smooth, gptq, ...) optimise for the grid the artifact really stores.
+        """
+        from qgraph.backends.int8_kernels import int8_kernel
+
+        old, new = int8_kernel(self.int8_kernel), int8_kernel(name, where)
+
+        def move(rule: LayerRule | None) -> LayerRule | None:
+            a = rule.activations if rule is not None else None
+            fused = (rule is not None and rule.weights is not None and rule.weights.format == old.weight_format
+                     and a is not None and a.format in ("int8", "uint8") and a.granularity == "tensor")
+            if not fused:
+                return rule
+            return dataclasses.replace(rule, weights=dataclasses.replace(rule.weights, format=new.weight_format))
+
+        return dataclasses.replace(self, blocks=move(self.blocks), lm_head=move(self.lm_head), int8_kernel=new.name)
 
 
 def available() -> list[str]:
@@ -213,7 +235,7 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
         skip=tuple(layers.get("skip", []) or []),
         passes=_passes(d.get("passes"), origin),
         source=origin,
-    )
+    ).with_int8_kernel(d.get("int8_kernel", "u8u8"), f"recipe {origin}: int8_kernel")
 
 
 def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:

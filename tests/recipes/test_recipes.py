@@ -38,8 +38,8 @@ def test_nested_typo_and_bad_values(tmp_path):
     p.write_text("weights:\n  format: int8\n  granularty: channel\n")
     with pytest.raises(QGraphError, match="in weights"):
         load_recipe(p)
-    p.write_text("weights:\n  format: int7\n")
-    with pytest.raises(QGraphError, match="unknown format 'int7'"):
+    p.write_text("weights:\n  format: int3\n")  # int7 is a format now (the s7 int8 kernel)
+    with pytest.raises(QGraphError, match="unknown format 'int3'"):
         load_recipe(p)
     p.write_text("weights:\n  format: int8\nactivations:\n  format: int8\nlowering: matmulnbits\n")
     with pytest.raises(QGraphError, match="matmulnbits"):

@@ -163,7 +163,11 @@ def _rewrite_int8(graph: ir.Graph, node: ir.Node, wdq: ir.Node) -> str:
     fix = ("TVM lowers int8/int4 per-channel weights with int8/uint8 per-tensor static activations "
            "(recipes w8a8*, w4a8*) only")
     # onnx_ir hands int4 out as an ml_dtypes.int4 array: the ONNX type says which width it is
-    w_bits = {ir.DataType.INT8: 8, ir.DataType.INT4: 4}.get(wdq.inputs[0].const_value.dtype)
+    w_dtype = wdq.inputs[0].const_value.dtype
+    w_bits = {ir.DataType.INT8: 8, ir.DataType.UINT8: 8, ir.DataType.INT4: 4}.get(w_dtype)
+    shifted = w_dtype == ir.DataType.UINT8 and w_zero is not None and np.all(w_zero.astype(np.int32) == 128)
+    if shifted:  # int8 codes stored as uint8 + 128 for ORT's exact u8 x u8 kernel (int8_kernels): the same grid
+        q, w_zero = (q.astype(np.int16) - 128).astype(np.int8), None
     if w_bits is None or q.ndim != 2 or (w_zero is not None and np.any(w_zero.astype(np.int32) != 0)):
         raise QGraphError(f"{node.name}: weight {wdq.inputs[0].name} is {q.dtype} {q.shape} "
                           "(not symmetric int8 or int4 [K, N])", fix)
@@ -189,7 +193,7 @@ def _rewrite_int8(graph: ir.Graph, node: ir.Node, wdq: ir.Node) -> str:
     if w_bits == 4:  # 8 codes per uint32 word (kernels.pack_int4_signed) replace the int4 initializer
         weight = _add(graph, f"{base}.w4", K.pack_int4_signed(q))
     else:
-        weight = wdq.inputs[0] if n_pad == n else _add(graph, f"{base}.pad", q)
+        weight = wdq.inputs[0] if n_pad == n and not shifted else _add(graph, f"{base}.s8", q)
     inputs = [
         aq.outputs[0], weight,
         _add(graph, f"{base}.colsum", q.astype(np.int32).sum(0).astype(np.int32)),

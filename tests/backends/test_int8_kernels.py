@@ -1,0 +1,121 @@
+"""Exact int8 on every CPU: a QDQ linear whose integer sums would saturate int16 pair sums.
+
+ONNX Runtime's u8 x s8 kernel on AVX2 hosts without VNNI adds adjacent byte products in int16 with
+saturation; qgraph's default lowering (u8 x u8) and the s7 grid must give the exact int32 product on
+any host, so these tests pass on AVX2, AVX-512, VNNI and ARM64 machines alike.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import qgraph
+from qgraph.backends.int8_kernels import KERNELS, host_verdict
+from qgraph.backends.onnx_qdq import LowerToOnnxPass, session_from_file
+from qgraph.errors import QGraphError
+from qgraph.eval.host import cpu_info, describe_host
+from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotate, set_range
+
+K, N, M = 576, 64, 16
+
+
+def _linear(w: np.ndarray) -> ir.Model:
+    x = ir.Value(name="x", shape=ir.Shape([M, K]), type=ir.TensorType(ir.DataType.FLOAT))
+    weight = ir.Value(name="w", shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(w))
+    mm = ir.node("MatMul", [x, weight], name="layers.0.proj")
+    y = mm.outputs[0]
+    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([M, N])
+    graph = ir.Graph([x], [y], nodes=[mm], initializers=[weight], opset_imports={"": 21})
+    return ir.Model(graph, ir_version=10)
+
+
+def _lowered(kernel: str, weight_format: str, activation: QuantSpec, tmp_path):
+    """A lone linear with weight codes at +-qmax in every position, lowered by qgraph for `kernel`."""
+    spec = QuantSpec(weight_format, "channel", axis=1)
+    rng = np.random.default_rng(0)
+    w = rng.choice([-1.0, 1.0], size=(K, N)).astype(np.float32)  # per-channel max 1: codes are +-qmax
+    model = _linear(w)
+    node = next(iter(model.graph))
+    annotate(node, LayerAnnotation(node.name, spec, activation))
+    set_range(node.inputs[0], -1.0, 1.0)
+    lower = LowerToOnnxPass(int8_kernel=kernel)
+    lower(model)
+    path = tmp_path / f"{kernel}.onnx"
+    ir.save(model, path)
+    return path, lower, spec
+
+
+def _exact_reference(x: np.ndarray, activation: QuantSpec, spec: QuantSpec) -> np.ndarray:
+    """The int32 product of the activation and weight codes, rescaled in float64."""
+    # Both are stored as uint8 (symmetric int8: zero point 128, so a clipped -2 lands on code 0, i.e. -128).
+    a_scale = 1.0 / 127 if activation.symmetric else 2.0 / 255
+    a_zero = 128 if activation.symmetric else round(1.0 / a_scale)
+    a = np.clip(np.round(x / a_scale) + a_zero, 0, 255)
+    w = np.random.default_rng(0).choice([-1.0, 1.0], size=(K, N))
+    codes = (w * spec.qmax).astype(np.int64)
+    return ((a.astype(np.int64) - a_zero) @ codes) * a_scale * (1.0 / spec.qmax)
+
+
+ACTIVATIONS = {
+    "int8-sym": QuantSpec("int8", "tensor"),  # stored uint8, zero point 128: codes 1..255 (0 after clipping)
+    "uint8-asym": QuantSpec("uint8", "tensor", symmetric=False),  # w8a8-qsm's activations: codes 0..255
+}
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("kernel,weight_format", [("u8u8", "int8"), ("s7", "int7")])
+def test_fused_int8_equals_exact_int32_on_this_cpu(tmp_path, kernel, weight_format, activation):
+    act = ACTIVATIONS[activation]
+    path, lower, spec = _lowered(kernel, weight_format, act, tmp_path)
+    optimized = tmp_path / "optimized.onnx"
+    session = session_from_file(path, threads=1, optimized_path=str(optimized))
+    ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+    assert ops["MatMulIntegerToFloat"] == 1 and ops["DequantizeLinear"] == 0, ops  # ORT's fused integer kernel ran
+    # Activations at both ends of the grid in every position: adjacent u8 x s8 products sum to +-64770,
+    # twice what an int16 pair sum holds, so a saturating kernel is off by tens of percent here.
+    rng = np.random.default_rng(1)
+    x = rng.choice([-2.0, 2.0], size=(M, K)).astype(np.float32)
+    x[0] = 2.0  # every code 255: each same-sign weight pair saturates a u8 x s8 kernel
+    got = session.run(None, {"x": x})[0]
+    ref = _exact_reference(x, act, spec)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5, (describe_host(), kernel, activation)
+    assert lower.summary()["int8_kernel"] == kernel
+    storage = onnx.load(str(path)).graph.initializer
+    w_dtype = next(t.data_type for t in storage if t.name.endswith("weight_q"))
+    assert w_dtype == (onnx.TensorProto.UINT8 if kernel == "u8u8" else onnx.TensorProto.INT8)
+
+
+def test_s7_codes_fit_int16_pair_sums(tmp_path):
+    path, _, _ = _lowered("s7", "int7", ACTIVATIONS["int8-sym"], tmp_path)
+    codes = next(onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+                 if t.name.endswith("weight_q"))
+    assert codes.dtype == np.int8 and np.abs(codes).max() == 63
+    assert 2 * 255 * 64 <= 2**15 - 1  # the worst u8 x s7 pair cannot leave int16
+
+
+def test_recipe_int8_kernel_moves_the_weight_grid():
+    base = qgraph.load_recipe("w8a8-qsm")
+    assert base.int8_kernel == "u8u8" and base.blocks.weights.format == "int8"
+    s7 = base.with_int8_kernel("s7")
+    assert s7.blocks.weights.format == "int7" and s7.int8_kernel == "s7"
+    assert s7.with_int8_kernel("u8u8") == base  # the round trip restores the recipe
+    assert base.with_int8_kernel("u8s8").blocks.weights.format == "int8"
+    weight_only = qgraph.load_recipe("w4a16")
+    assert weight_only.with_int8_kernel("s7").blocks == weight_only.blocks  # no int8 GEMM: nothing to move
+    with pytest.raises(QGraphError, match="unknown int8 kernel 'vnni'.*use one of u8u8, s7, u8s8"):
+        base.with_int8_kernel("vnni")
+
+
+def test_host_record_names_the_int8_unit():
+    info = cpu_info()
+    assert info["int8_dot"] in ("vnni", "arm64", "pmaddubsw") and info["model"]
+    assert describe_host().startswith(info["model"])
+    assert host_verdict(KERNELS["u8u8"], info["int8_dot"]) == "exact"
+    assert host_verdict(KERNELS["s7"], "pmaddubsw") == "exact"
+    assert host_verdict(KERNELS["u8s8"], "pmaddubsw").startswith("saturates")
+    assert host_verdict(KERNELS["u8s8"], "vnni") == "exact"
