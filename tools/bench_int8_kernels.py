@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""The int8 kernel choices on this CPU: exactness of a saturating layer, SmolLM2 perplexity and latency.
+
+For each --int8-kernel (u8u8, s7, u8s8) it compiles w8a8-qsm (or --recipe) from the fp32 artifact, checks
+one lone QDQ linear whose activation codes sit at the grid's ends against the exact int32 product, and
+times every artifact round-robin with the fp32 one in one process (2 threads, min and median of --runs).
+
+    python tools/bench_int8_kernels.py [--out out/int8-kernels] [--fp32 out/compare/fp32] [--runs 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qgraph.backends.int8_kernels import KERNELS, host_verdict  # noqa: E402
+from qgraph.backends.onnx_qdq import LowerToOnnxPass, session_from_file  # noqa: E402
+from qgraph.eval.bench import time_forward  # noqa: E402
+from qgraph.eval.host import cpu_info, describe_host  # noqa: E402
+
+
+def lone_layer_error(kernel: str, k: int = 576, n: int = 64, m: int = 16) -> float:
+    """Max relative error of ORT's fused int8 layer vs the exact int32 product (codes at the grid ends)."""
+    import onnx_ir as ir
+
+    from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotate, set_range
+
+    choice = KERNELS[kernel]
+    spec = QuantSpec(choice.weight_format, "channel", axis=1)
+    rng = np.random.default_rng(0)
+    w = rng.choice([-1.0, 1.0], size=(k, n)).astype(np.float32)
+    x_v = ir.Value(name="x", shape=ir.Shape([m, k]), type=ir.TensorType(ir.DataType.FLOAT))
+    w_v = ir.Value(name="w", shape=ir.Shape([k, n]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(w))
+    node = ir.node("MatMul", [x_v, w_v], name="proj")
+    node.outputs[0].name, node.outputs[0].type = "y", ir.TensorType(ir.DataType.FLOAT)
+    model = ir.Model(ir.Graph([x_v], [node.outputs[0]], nodes=[node], initializers=[w_v], opset_imports={"": 21}),
+                     ir_version=10)
+    annotate(node, LayerAnnotation("proj", spec, QuantSpec("uint8", "tensor", symmetric=False)))
+    set_range(x_v, -1.0, 1.0)
+    LowerToOnnxPass(int8_kernel=kernel)(model)
+    with tempfile.TemporaryDirectory() as d:
+        ir.save(model, Path(d) / "m.onnx")
+        x = rng.choice([-1.0, 1.0], size=(m, k)).astype(np.float32)
+        got = session_from_file(Path(d) / "m.onnx", threads=1).run(None, {"x": x})[0]
+    scale = 2.0 / 255
+    zero = round(1.0 / scale)
+    a = np.clip(np.round(x / scale) + zero, 0, 255).astype(np.int64) - zero
+    ref = (a @ (w * spec.qmax).astype(np.int64)) * scale / spec.qmax
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/int8-kernels")
+    ap.add_argument("--fp32", default="out/compare/fp32", help="fp32 artifact to compile from (built if missing)")
+    ap.add_argument("--recipe", default="w8a8-qsm")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--windows", type=int, default=16, help="perplexity windows (0: skip perplexity)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    exe = str(Path(sys.executable).parent / "qgraph")
+    fp32, out = Path(args.fp32), Path(args.out)
+    if not (fp32 / "manifest.json").exists():
+        subprocess.run([exe, "compile", "--recipe", "fp32", "-o", str(fp32), "-q"], check=True)
+    rows = {"fp32": {"dir": fp32}}
+    for kernel in KERNELS:
+        d = out / f"{args.recipe}-{kernel}"
+        if not (d / "manifest.json").exists():
+            print(f"[int8-kernels] compiling {args.recipe} --int8-kernel {kernel}", file=sys.stderr, flush=True)
+            subprocess.run([exe, "compile", str(fp32 / "model.onnx"), "--recipe", args.recipe, "--int8-kernel", kernel,
+                            "-o", str(d), "-q"], check=True)
+        rows[kernel] = {"dir": d, "lone_layer_rel_err": lone_layer_error(kernel),
+                        "verdict": host_verdict(KERNELS[kernel], cpu_info()["int8_dot"])}
+    if args.windows:
+        for name, row in rows.items():
+            print(f"[int8-kernels] perplexity {name}", file=sys.stderr, flush=True)
+            r = subprocess.run([exe, "eval", str(row["dir"]), "--windows", str(args.windows), "--json"], check=True,
+                               capture_output=True, text=True)
+            row["ppl"] = json.loads(r.stdout.strip().splitlines()[-1])["ppl"]
+    sessions = {}
+    for name, row in rows.items():
+        sess = session_from_file(row["dir"] / "model.onnx", threads=args.threads)
+        sessions[name] = lambda ids, s=sess: s.run(None, {"input_ids": ids})[0]
+    prompt = np.random.default_rng(0).integers(0, 49152, size=(1, 512), dtype=np.int64)
+    one = prompt[:, :1]
+    pre = {n: [] for n in rows}
+    dec = {n: [] for n in rows}
+    for fwd in sessions.values():
+        time_forward(fwd, prompt, runs=1, warmup=1)
+        time_forward(fwd, one, runs=1, warmup=2)
+    for r in range(args.runs):  # round-robin: a busy machine slows every row alike
+        print(f"[int8-kernels] latency round {r + 1}/{args.runs}", file=sys.stderr, flush=True)
+        for name, fwd in sessions.items():
+            pre[name] += time_forward(fwd, prompt, runs=1, warmup=0)
+            dec[name] += time_forward(fwd, one, runs=5, warmup=0)
+    for name, row in rows.items():
+        row.update(prefill_min=min(pre[name]), prefill_med=statistics.median(pre[name]),
+                   decode_min=min(dec[name]), decode_med=statistics.median(dec[name]))
+    base = rows["fp32"]
+    if args.json:
+        print(json.dumps({"host": cpu_info(), "recipe": args.recipe,
+                          "rows": {n: {k: (str(v) if k == "dir" else v) for k, v in r.items()} for n, r in rows.items()}}))
+        return
+    lines = [f"int8 kernels, {args.recipe} on SmolLM2-135M; host: {describe_host()}; {args.threads} threads, "
+             f"{args.runs} round-robin rounds", "",
+             "| kernel | lone-layer max rel err | on this host | ppl | prefill ms min / med | prefill x fp32 "
+             "| decode ms min / med | decode x fp32 |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in rows.items():
+        err = f"{r['lone_layer_rel_err']:.1e}" if "lone_layer_rel_err" in r else "-"
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+        lines.append(f"| {name} | {err} | {r.get('verdict', 'float')} | {ppl} | {r['prefill_min']:.0f} / "
+                     f"{r['prefill_med']:.0f} | {base['prefill_min'] / r['prefill_min']:.2f} | {r['decode_min']:.1f} / "
+                     f"{r['decode_med']:.1f} | {base['decode_min'] / r['decode_min']:.2f} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
