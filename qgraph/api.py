@@ -146,7 +146,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     """
     import onnx_ir as ir
 
-    from qgraph.backends.onnx_qdq import LowerToOnnxPass
+    from qgraph.backends.onnx_qdq import LowerToOnnxPass, int8_kernel_record
     from qgraph.passes.annotate import AnnotateLinearsPass
     from qgraph.passes.calibrate_ranges import CalibrateRangesPass
 
@@ -210,6 +210,8 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         "timings_s": {**{p["pass"]: p["seconds"] for p in passes}, "layer_sqnr": sqnr_seconds},
         "verified": verified if verify else None,
         "layer_sqnr_db": {n: round(v, 3) for n, v in sqnr.items()},
+        # Which int8 GEMM ORT runs and the CPU the SQNR above was measured on (MLAS picks kernels by CPUID).
+        "int8_gemm": int8_kernel_record(graph_model),
     }
     return CompiledModel(graph_model, model.tokenizer, model.source, recipe, layers, report)
 

@@ -165,6 +165,7 @@ def inspect_cmd(
 ) -> None:
     """List the graph's linear layers (with roles), norms, embeddings, channel regions and rejected candidates."""
     import qgraph
+    from qgraph.backends.onnx_qdq import int8_kernel_record
     from qgraph.ir.regions import find_embeddings, find_linears, find_norms, find_regions
 
     captured = qgraph.load(model, progress=not as_json)
@@ -181,6 +182,7 @@ def inspect_cmd(
                      "sinks": [s.name for s in r.sinks], "sharing": r.sharing} for r in regions],
         "rejected": [{"candidate": r.candidate, "reason": r.reason} for r in rejected],
         "nodes": sum(1 for _ in captured.model.graph),
+        "int8_gemm": int8_kernel_record(captured.model),
     }
     if as_json:
         print(json.dumps(info, indent=2))
@@ -213,6 +215,15 @@ def inspect_cmd(
         j.add_row(x["candidate"], x["reason"])
     _out().print(j)
     _out().print(f"embeddings: {', '.join(info['embeddings']) or 'none'}; {info['nodes']} nodes")
+    if info["int8_gemm"]:
+        from qgraph.eval.host import describe_host
+
+        gemm = info["int8_gemm"]
+        for kernel, n in gemm["layers"].items():
+            k = gemm["kernels"][kernel]
+            _out().print(f"int8 GEMMs: {n} x {kernel} ({k['ort_kernel']}); exact on {k['exact_on']}; "
+                         f"on this host: {k['on_this_host']}")
+        _out().print(f"host: {describe_host()}")
 
 
 def main() -> None:

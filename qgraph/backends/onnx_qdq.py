@@ -78,6 +78,48 @@ def kernel_for(note: LayerAnnotation, int8_kernel: str = DEFAULT_INT8_KERNEL) ->
     return "explicit Q -> DQ + float MatMul (ORT CPU has no fused kernel for this format)"
 
 
+def int8_gemms(model: ir.Model) -> dict[str, int]:
+    """Count the fused int8 GEMMs of a QDQ graph by the kernel ORT will run: {'u8u8' | 's7' | 'u8s8': layers}.
+
+    Read from the graph itself (weight storage and code range of every DequantizeLinear(W) x
+    DequantizeLinear(QuantizeLinear(x)) MatMul/Gemm), so it describes any QDQ model, ORT's own
+    quantize_static output included.
+    """
+    counts: collections.Counter = collections.Counter()
+    for node in model.graph:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+            continue
+        a, w = (v.producer() if v is not None else None for v in node.inputs[:2])
+        if a is None or w is None or a.op_type != "DequantizeLinear" or w.op_type != "DequantizeLinear":
+            continue
+        codes = w.inputs[0].const_value if w.inputs[0] is not None else None
+        q = a.inputs[0].producer() if a.inputs[0] is not None else None
+        if codes is None or q is None or q.op_type != "QuantizeLinear":
+            continue
+        if codes.dtype == ir.DataType.UINT8:
+            counts["u8u8"] += 1
+        elif codes.dtype == ir.DataType.INT8:
+            counts["s7" if np.abs(codes.numpy().astype(np.int16)).max(initial=0) <= 64 else "u8s8"] += 1
+    return dict(counts)
+
+
+def int8_kernel_record(model: ir.Model) -> dict | None:
+    """What report.json and `qgraph inspect` say of the int8 GEMMs: kernels, where exact, this host's verdict."""
+    from qgraph.backends.int8_kernels import host_verdict
+    from qgraph.eval.host import cpu_info
+
+    counts = int8_gemms(model)
+    if not counts:
+        return None
+    host = cpu_info()
+    return {
+        "layers": counts,
+        "kernels": {k: {"ort_kernel": KERNELS[k].ort_kernel, "exact_on": KERNELS[k].exact_on,
+                        "on_this_host": host_verdict(KERNELS[k], host["int8_dot"])} for k in counts},
+        "host": host,
+    }
+
+
 class LowerToOnnxPass(ir.passes.InPlacePass):
     """Replace annotations with QuantizeLinear/DequantizeLinear pairs or MatMulNBits nodes."""
 

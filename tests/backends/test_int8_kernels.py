@@ -119,3 +119,29 @@ def test_host_record_names_the_int8_unit():
     assert host_verdict(KERNELS["s7"], "pmaddubsw") == "exact"
     assert host_verdict(KERNELS["u8s8"], "pmaddubsw").startswith("saturates")
     assert host_verdict(KERNELS["u8s8"], "vnni") == "exact"
+
+
+def _calib():
+    from qgraph.calib.data import TokenWindows
+
+    return TokenWindows(np.random.default_rng(5).integers(0, 256, size=(2, 32), dtype=np.int64), 0, "random")
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_report_and_inspect_name_the_int8_gemm(tmp_path, llama_captured, kernel):
+    recipe = qgraph.load_recipe("w8a8").with_int8_kernel(kernel)
+    compiled = qgraph.compile(llama_captured, recipe, calib=_calib(), progress=False)
+    gemm = compiled.report["int8_gemm"]
+    assert gemm["layers"] == {kernel: 14}, gemm  # read back from the lowered graph's weight storage and codes
+    assert gemm["host"] == cpu_info()
+    assert gemm["kernels"][kernel]["on_this_host"] == host_verdict(KERNELS[kernel], cpu_info()["int8_dot"])
+    lowering = next(p for p in compiled.report["passes"] if p["pass"] == "lower_onnx")
+    assert lowering["int8_kernel"] == kernel
+    out = compiled.save(tmp_path / kernel, progress=False)
+    from typer.testing import CliRunner
+
+    from qgraph.cli import app
+
+    shown = CliRunner().invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert f"int8 GEMMs: 14 x {kernel}" in shown.output and "host: " in shown.output
