@@ -9,7 +9,13 @@ median of --runs rounds, so a busy machine slows every row alike.
 The `tvm-llvm` rows are TVM builds (qgraph's llvm backend) of the qgraph fp32, w8a8 and w4a16
 artifacts in the table: the same graphs, so their perplexity should match the ORT rows to 0.5 %.
 
+The `--int8-kernel` rows are w8a8-qsm lowered for ORT's other int8 GEMMs (qgraph.backends.int8_kernels):
+`s7` (7-bit weights, exact everywhere) and `u8s8` (exact only on VNNI / ARM64 hosts; the header says
+which this one is). The ORT quantize_static rows use ORT's default u8 x s8 format: they saturate on a
+host without VNNI, as qgraph's u8s8 row does.
+
     python tools/compare_peers.py [--out out/compare] [--runs 10] [--windows 16] [--tvm fp32,w8a8,w4a16]
+                                  [--int8-kernels s7,u8s8]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from qgraph.calib.data import calibration_windows, evaluation_windows  # noqa: E402
 from qgraph.eval.bench import time_forward  # noqa: E402
+from qgraph.eval.host import describe_host  # noqa: E402
 from qgraph.eval.perplexity import perplexity  # noqa: E402
 from qgraph.ir.capture import load_tokenizer  # noqa: E402
 
@@ -175,6 +182,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="re-quantize every row")
     ap.add_argument("--recipes", default=",".join(QGRAPH_RECIPES), help="comma-separated qgraph recipes to include")
     ap.add_argument("--tvm", default=",".join(TVM_RECIPES), help="qgraph rows to also build with TVM llvm ('' for none)")
+    ap.add_argument("--int8-kernels", default="s7,u8s8",
+                    help="extra w8a8-qsm rows lowered with these --int8-kernel choices ('' for none)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.fresh and out.exists():
@@ -194,6 +203,12 @@ def main() -> None:
         seconds = built_seconds(d, f"qgraph compile --recipe {recipe}",
                                 lambda d=d, r=recipe: qgraph_cli("compile", str(fp32_onnx), "--recipe", r, "-o", str(d), "-q"))
         rows[f"qgraph {recipe}"] = {"dir": d, "quant_s": seconds}
+    for kernel in [k for k in args.int8_kernels.split(",") if k]:
+        d = out / f"qgraph-w8a8-qsm-{kernel}"
+        seconds = built_seconds(d, f"qgraph compile --recipe w8a8-qsm --int8-kernel {kernel}",
+                                lambda d=d, k=kernel: qgraph_cli("compile", str(fp32_onnx), "--recipe", "w8a8-qsm",
+                                                                 "--int8-kernel", k, "-o", str(d), "-q"))
+        rows[f"qgraph w8a8-qsm --int8-kernel {kernel}"] = {"dir": d, "quant_s": seconds}
     tvm = tvm_rows(out, [r for r in args.tvm.split(",") if r], rows)
     for name, seconds in ort_peers(fp32_onnx, out, calib, block_linear_nodes(fp32_onnx)).items():
         rows[name] = {"dir": out / name, "quant_s": seconds}
@@ -241,6 +256,8 @@ def main() -> None:
         f"({eval_windows.scored_predictions} predictions), {args.threads} threads, {args.runs} round-robin rounds "
         "(decode = one token, no KV cache).",
         "",
+        f"Host: {describe_host()}.",
+        "",
         "| row | ppl | size MB | prefill ms min / med | prefill x fp32 | decode ms min / med | decode x fp32 "
         "| quant wall s | runtime (ORT opt level) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
@@ -255,7 +272,8 @@ def main() -> None:
     print(table)
     (out / "scoreboard.md").write_text(table + "\n")
     (out / "scoreboard.json").write_text(json.dumps(
-        {n: {k: v for k, v in r.items() if k != "dir"} for n, r in rows.items()}, indent=2))
+        {"host": describe_host(), "rows": {n: {k: v for k, v in r.items() if k != "dir"} for n, r in rows.items()}},
+        indent=2))
 
 
 if __name__ == "__main__":
