@@ -11,7 +11,6 @@ Supported field types: bool, int, float, str, Literal[...], tuple[X, ...] and un
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import types
 import typing
@@ -82,8 +81,8 @@ def expected(tp: Any, meta: dict, plural: bool = False) -> str:
     return " or ".join(words)
 
 
-def type_name(tp: Any) -> str:
-    """A field's type as users read it: 'float | search', 'list[float]'."""
+def type_name(tp: Any, meta: dict) -> str:
+    """A field's type as users read it: 'float | search', 'list[float]', 'int8 | uint8 | ...'."""
     names = []
     for arm in _arms(tp):
         origin = typing.get_origin(arm)
@@ -92,7 +91,9 @@ def type_name(tp: Any) -> str:
         elif origin is Literal:
             names.extend(map(str, typing.get_args(arm)))
         elif origin is tuple:
-            names.append(f"list[{type_name(typing.get_args(arm)[0])}]")
+            names.append(f"list[{type_name(typing.get_args(arm)[0], meta)}]")
+        elif arm is str and meta.get("choices"):
+            names.extend(meta["choices"]())
         else:
             names.append(arm.__name__)
     return " | ".join(names)
@@ -151,6 +152,8 @@ def check_keys(data: Any, allowed: set[str], where: str, origin: str, aliases: d
                           f"write {where} as key: value lines")
     unknown = sorted((k for k in data if k not in allowed), key=str)
     if unknown:
+        import difflib
+
         if not allowed:
             raise QGraphError(f"recipe {origin}: {where} takes no options, got {', '.join(map(repr, unknown))}",
                               f"drop them: write `- {where.rpartition('.')[2]}`")
@@ -218,13 +221,14 @@ def _yaml(value: Any) -> str:
 
 
 def describe_options(options: Any, given: dict | None = None) -> list[dict]:
-    """One row per field of an options instance: name, value, type, default, help, set (written in the recipe)."""
+    """One row per field of an options instance: name, value, type, default (or required), help, set in the recipe."""
     rows = []
     for f, tp in _fields(type(options)):
         value = getattr(options, f.name)
-        rows.append({"name": f.name, "value": _plain(value), "type": type_name(tp),
+        rows.append({"name": f.name, "value": _plain(value), "type": type_name(tp, f.metadata),
                      "default": None if f.default is NO_DEFAULT else _plain(f.default),
-                     "help": f.metadata.get("help", ""), "set": given is not None and f.name in given})
+                     "required": f.default is NO_DEFAULT, "help": f.metadata.get("help", ""),
+                     "set": given is not None and f.name in given})
     return rows
 
 

@@ -15,9 +15,9 @@ RECIPE_DIR = Path(__file__).parent
 
 _TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations", "lm_head", "embedding", "lowering"}
 _LAYER_KEYS = {"select", "skip"}
-_WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
-_ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer"}
-_EMBEDDING_KEYS = {"format", "granularity", "group_size"}
+WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
+ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer"}
+EMBEDDING_KEYS = {"format", "granularity", "group_size"}
 _HEAD_KEYS = {"weights", "activations", "lowering"}
 LOWERINGS = {
     "qdq": "QuantizeLinear/DequantizeLinear pairs ORT fuses into its integer kernels",
@@ -118,8 +118,8 @@ def _layer_rule(d: Any, where: str, origin: str) -> LayerRule | None:
         raise QGraphError(f"recipe {origin}: {prefix}lowering: unknown lowering {lowering!r}",
                           f"use one of {', '.join(LOWERINGS)}")
     rule = LayerRule(
-        _tensor_rule(d.get("weights"), f"{prefix}weights", origin, _WEIGHT_KEYS),
-        _tensor_rule(d.get("activations"), f"{prefix}activations", origin, _ACT_KEYS),
+        _tensor_rule(d.get("weights"), f"{prefix}weights", origin, WEIGHT_KEYS),
+        _tensor_rule(d.get("activations"), f"{prefix}activations", origin, ACT_KEYS),
         lowering,
     )
     if rule.weights is None and rule.activations is None:
@@ -192,7 +192,7 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
     blocks = _layer_rule(
         {k: d[k] for k in ("weights", "activations", "lowering") if k in d}, "the blocks", origin
     )
-    embedding = _tensor_rule(d.get("embedding"), "embedding", origin, _EMBEDDING_KEYS)
+    embedding = _tensor_rule(d.get("embedding"), "embedding", origin, EMBEDDING_KEYS)
     if embedding is not None:
         if embedding.format != "int8" or embedding.granularity != "group":
             raise QGraphError(f"recipe {origin}: embedding {embedding.format} {embedding.granularity} is not supported",
