@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qgraph.options import describe_options
-from qgraph.recipes import ACT_KEYS, EMBEDDING_KEYS, WEIGHT_KEYS, LOWERINGS, LayerRule, Recipe, TensorRule, available, load_recipe
+from qgraph.recipes import ACT_KEYS, EMBEDDING_KEYS, LOWERINGS, WEIGHT_KEYS, LayerRule, Recipe, TensorRule, available, load_recipe
 
 
 def shipped() -> list[dict]:
