@@ -57,46 +57,33 @@ def _bounds(meta: dict) -> str:
     return f" >= {meta['ge']:g}" if meta.get("ge") is not None else f" > {meta['gt']:g}"
 
 
-def expected(tp: Any, meta: dict, plural: bool = False) -> str:
+def _arm_words(arm: Any, meta: dict, plural: bool) -> tuple[str, str]:
+    """One union member as (type name, what it accepts in words): ('float', 'a number in [0, 1]')."""
+    origin = typing.get_origin(arm)
+    if arm is type(None):
+        return "null", "null"
+    if origin is Literal or (arm is str and meta.get("choices")):
+        names = typing.get_args(arm) if origin is Literal else meta["choices"]()
+        return " | ".join(map(str, names)), repr(names[0]) if len(names) == 1 else "one of " + ", ".join(names)
+    if origin is tuple:
+        name, words = _arm_words(typing.get_args(arm)[0], meta, plural=True)
+        return f"list[{name}]", f"a list of {words}"
+    if arm is bool:
+        return "bool", "true or false"
+    if arm is str:
+        return "str", "text" if plural else "a text"
+    noun = {int: ("an integer", "integers"), float: ("a number", "numbers")}[arm][plural]
+    return arm.__name__, noun + _bounds(meta)
+
+
+def expected(tp: Any, meta: dict) -> str:
     """What a field accepts, in words: 'a number in [0, 1] or 'search''."""
-    words = []
-    for arm in _arms(tp):
-        origin = typing.get_origin(arm)
-        if arm is type(None):
-            words.append("null")
-        elif origin is Literal:
-            names = typing.get_args(arm)
-            words.append(repr(names[0]) if len(names) == 1 else "one of " + ", ".join(names))
-        elif origin is tuple:
-            words.append("a list of " + expected(typing.get_args(arm)[0], meta, plural=True))
-        elif arm is bool:
-            words.append("true or false")
-        elif arm is str and meta.get("choices"):
-            words.append("one of " + ", ".join(meta["choices"]()))
-        elif arm is str:
-            words.append("text" if plural else "a text")
-        else:
-            noun = {int: ("an integer", "integers"), float: ("a number", "numbers")}[arm][plural]
-            words.append(noun + _bounds(meta))
-    return " or ".join(words)
+    return " or ".join(_arm_words(arm, meta, False)[1] for arm in _arms(tp))
 
 
 def type_name(tp: Any, meta: dict) -> str:
     """A field's type as users read it: 'float | search', 'list[float]', 'int8 | uint8 | ...'."""
-    names = []
-    for arm in _arms(tp):
-        origin = typing.get_origin(arm)
-        if arm is type(None):
-            names.append("null")
-        elif origin is Literal:
-            names.extend(map(str, typing.get_args(arm)))
-        elif origin is tuple:
-            names.append(f"list[{type_name(typing.get_args(arm)[0], meta)}]")
-        elif arm is str and meta.get("choices"):
-            names.extend(meta["choices"]())
-        else:
-            names.append(arm.__name__)
-    return " | ".join(names)
+    return " | ".join(_arm_words(arm, meta, False)[0] for arm in _arms(tp))
 
 
 class _Mismatch(Exception):
