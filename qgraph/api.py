@@ -230,71 +230,10 @@ def _layer_sqnr(model: CapturedModel, reference, lowered, layers: list[str], cal
 
 
 def _recipe_pass(name: str, options: dict, recipe: Recipe, windows: TokenWindows, progress: bool):
-    """Build a recipe's graph pass with the quantization specs it optimises for."""
-    from qgraph.passes.annotate import activation_spec, weight_spec
+    """Build a recipe's graph pass from its registration (each pass declares its options in its own file)."""
+    from qgraph.passes.registry import build_pass
 
-    rules = recipe.blocks
-    w_spec = weight_spec(rules.weights) if rules and rules.weights else None
-    a_spec = activation_spec(rules.activations) if rules and rules.activations else None
-    if name == "smooth":
-        from qgraph.passes.smooth import DEFAULT_GRID, SmoothQuantPass
-
-        return SmoothQuantPass(windows, alpha=options.get("alpha", "search"), grid=tuple(options.get("grid", DEFAULT_GRID)),
-                               weight_spec=w_spec, activation_spec=a_spec,
-                               sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
-    if name == "awq":
-        from qgraph.passes.awq import AWQPass
-        from qgraph.passes.smooth import DEFAULT_GRID
-
-        return AWQPass(windows, alpha=options.get("alpha", "search"), grid=tuple(options.get("grid", DEFAULT_GRID)),
-                       weight_spec=w_spec, sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
-    if name == "fold_norm_affine":
-        from qgraph.passes.fold_norm_affine import FoldNormAffinePass
-
-        return FoldNormAffinePass()
-    if name == "clip_search":
-        from qgraph.passes.clip_search import DEFAULT_RATIOS, WeightClipSearchPass
-
-        if w_spec is None or w_spec.granularity != "block":
-            raise QGraphError(f"recipe {recipe.name}: clip_search needs group weight quantization",
-                              "set weights granularity: group, or drop clip_search")
-        return WeightClipSearchPass(windows, w_spec, ratios=tuple(options.get("ratios", DEFAULT_RATIOS)),
-                                    sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
-    if name == "qsm":
-        from qgraph.passes.qsm import QuantStepMigrationPass, centred_grid
-
-        qmin, qmax = centred_grid(a_spec)
-        clip = options.get("clip", 1.0)
-        return QuantStepMigrationPass(windows, qmax=qmax, qmin=qmin, clip=clip if clip == "search" else float(clip),
-                                      sample_tokens=int(options.get("sample_tokens", 512)),
-                                      split_threshold=options.get("split_threshold", 8.0),
-                                      max_copies=int(options.get("max_copies", 8)),
-                                      shift=bool(options.get("shift", False)), progress=progress)
-    if name == "shift":
-        from qgraph.passes.shift import OutlierShiftPass
-
-        return OutlierShiftPass(windows, scale=bool(options.get("scale", True)), steps=int(options.get("steps", 20)),
-                                weight_spec=w_spec, activation_spec=a_spec,
-                                sample_tokens=int(options.get("sample_tokens", 512)), progress=progress)
-    if name == "exp_bias":
-        from qgraph.passes import exp_bias
-
-        if w_spec is None or a_spec is None:
-            raise QGraphError(f"recipe {recipe.name}: exp_bias needs quantized weights and activations", "drop exp_bias")
-        return exp_bias.ExponentBiasPass(
-            windows, weight_spec=w_spec, activation_spec=a_spec, max_shift=int(options.get("max_shift", 4)),
-            targets=tuple(options.get("targets", exp_bias.DEFAULT_TARGETS)),
-            clips=tuple(options.get("clips", exp_bias.DEFAULT_CLIPS)),
-            sample_tokens=int(options.get("sample_tokens", 256)), progress=progress)
-    if name == "gptq":
-        from qgraph.passes.gptq import DEFAULT_DAMP, ErrorFeedbackRoundingPass
-
-        if w_spec is None or w_spec.granularity == "tensor":
-            raise QGraphError(f"recipe {recipe.name}: gptq rounds quantized weights with per-channel or per-group "
-                              "scales", "set weights granularity: channel or group")
-        return ErrorFeedbackRoundingPass(windows, w_spec, damp=float(options.get("damp", DEFAULT_DAMP)),
-                                         act_order=bool(options.get("act_order", True)), progress=progress)
-    raise QGraphError(f"recipe {recipe.name}: pass {name!r} is not available", "see qgraph.recipes.PASS_OPTIONS")
+    return build_pass(name, options, recipe, windows, progress)
 
 
 def calibration_windows_for(model: CapturedModel, calib: CalibConfig) -> TokenWindows:

@@ -1,4 +1,4 @@
-"""`qgraph compile | eval | bench | inspect` — a thin layer over qgraph.api."""
+"""`qgraph compile | eval | bench | inspect | recipes` — a thin layer over qgraph.api."""
 
 from __future__ import annotations
 
@@ -224,6 +224,68 @@ def inspect_cmd(
             _out().print(f"int8 GEMMs: {n} x {kernel} ({k['ort_kernel']}); exact on {k['exact_on']}; "
                          f"on this host: {k['on_this_host']}")
         _out().print(f"host: {describe_host()}")
+
+
+@app.command("recipes")
+def recipes_cmd(
+    name: str | None = typer.Argument(None, help="Recipe name or YAML path; omitted: list the shipped recipes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """List the shipped recipes, or show one: its passes in order with every option, and its formats."""
+    from rich.table import Table
+
+    from qgraph.recipes import load_recipe
+    from qgraph.recipes.describe import describe, shipped
+
+    info = shipped() if name is None else describe(load_recipe(name))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    if name is None:
+        t = Table(title=f"shipped recipes ({len(info)}; `qgraph recipes NAME` shows one)")
+        for col in ("name", "passes", "description"):
+            t.add_column(col, overflow="fold")
+        for r in info:
+            t.add_row(r["name"], ", ".join(r["passes"]) or "-", r["description"])
+        _out().print(t)
+        return
+    _out().print(f"[bold]{info['name']}[/] ({info['source']}): {info['description']}")
+    for i, p in enumerate(info["passes"], 1):
+        _out().print(_option_table(f"pass {i}: {p['pass']} - {p['help']}", p["options"]))
+    parts = {"blocks": info["blocks"], "lm_head": info["lm_head"]}
+    for part, rule in parts.items():
+        if not isinstance(rule, dict):
+            _out().print(f"{part}: {rule or 'float'}")
+            continue
+        for kind in ("weights", "activations"):
+            if rule[kind] is None:
+                _out().print(f"{part} {kind}: float")
+            else:
+                _out().print(_option_table(f"{part} {kind}", rule[kind]))
+        _out().print(f"{part} lowering: {rule['lowering']} ({rule['lowering_help']})")
+    if info["embedding"] is None:
+        _out().print("embedding: float")
+    else:
+        _out().print(_option_table("embedding table", info["embedding"]))
+    skip = info["layers"]["skip"]
+    _out().print(f"layers: {info['layers']['select']}" + (f", float: {', '.join(skip)}" if skip else ""))
+
+
+def _option_table(title: str, rows: list[dict]):
+    """A table of option rows (value, type, default, help); values the recipe sets are bold."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from qgraph.options import show
+
+    table = Table(title=title, title_justify="left")
+    for col in ("option", "value", "type", "default", "help"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        value = escape(show(row["value"]))
+        table.add_row(row["name"], f"[bold]{value}[/]" if row.get("set") else value, escape(row["type"]),
+                      "(required)" if row["required"] else escape(show(row["default"])), escape(row["help"]))
+    return table
 
 
 def main() -> None:

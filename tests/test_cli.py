@@ -128,3 +128,54 @@ def test_output_dir_that_is_not_an_artifact_is_kept(tmp_path, llama_dir):
     (out / "precious.txt").write_text("keep me")
     assert_user_error(qgraph("compile", llama_dir, "--recipe", "fp32", "-o", out), "is not a qgraph artifact")
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_recipes_lists_the_shipped_ones():
+    from typer.testing import CliRunner
+
+    from qgraph.cli import app
+    from qgraph.recipes import available
+
+    r = CliRunner().invoke(app, ["recipes", "--json"])
+    assert r.exit_code == 0, r.output
+    listed = json.loads(r.output)
+    assert [x["name"] for x in listed] == available()
+    assert next(x for x in listed if x["name"] == "w4a16-awq")["passes"] == ["awq", "clip_search", "gptq"]
+    r = CliRunner().invoke(app, ["recipes"])
+    assert r.exit_code == 0 and "shipped recipes (11" in r.output and "w8a8-smooth" in r.output
+
+
+def test_recipes_name_shows_passes_options_and_formats(tmp_path):
+    from typer.testing import CliRunner
+
+    from qgraph.cli import app
+
+    r = CliRunner().invoke(app, ["recipes", "w4a16-awq", "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert [p["pass"] for p in info["passes"]] == ["awq", "clip_search", "gptq"]
+    alpha, grid, tokens = info["passes"][0]["options"]
+    assert alpha == {"name": "alpha", "value": "search", "type": "float | search", "default": "search", "required": False,
+                     "help": alpha["help"], "set": True} and "[0, 1]" in alpha["help"]
+    assert grid["type"] == "list[float]" and grid["value"] == grid["default"] and not grid["set"]
+    damp = info["passes"][2]["options"][0]
+    assert (damp["name"], damp["value"], damp["default"], damp["set"]) == ("damp", 0.01, 0.01, True)
+    weights = {row["name"]: row["value"] for row in info["blocks"]["weights"]}
+    assert weights == {"format": "int4", "granularity": "group", "group_size": 128, "symmetric": False, "full_range": False}
+    assert info["blocks"]["activations"] is None and info["blocks"]["lowering"] == "matmulnbits"
+    assert info["lm_head"] == "tied" and {row["name"]: row["value"] for row in info["embedding"]}["group_size"] == 32
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("weights: {format: int8}\npasses:\n  - qsm: {clip: search}\n")
+    r = CliRunner().invoke(app, ["recipes", str(mine)], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for fragment in ("mine (mine.yaml)", "pass 1: qsm", "split_threshold", "float | null", "(required)", "lm_head: float",
+                     "blocks lowering: qdq"):
+        assert fragment in r.output, fragment
+
+
+def test_recipes_unknown_name_and_bad_file(tmp_path):
+    assert_user_error(qgraph("recipes", "w3a3"), "qgraph: error: unknown recipe 'w3a3'", "-- use one of fp32")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("weights: {format: int8}\npasses:\n  - smooth: {alpha: abc}\n")
+    assert_user_error(qgraph("recipes", bad), "recipe bad.yaml: passes.smooth.alpha: 'abc' is not a number in [0, 1]",
+                      "-- write e.g. `alpha: search`")

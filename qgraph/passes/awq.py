@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qgraph.passes.smooth import SmoothQuantPass
+from qgraph.passes.registry import PassContext, register
+from qgraph.passes.smooth import SmoothOptions, SmoothQuantPass
 
 
 class AWQPass(SmoothQuantPass):
@@ -25,3 +26,10 @@ class AWQPass(SmoothQuantPass):
         s[live] = act_mean[live] ** alpha
         s[live] /= np.exp(np.log(s[live]).mean())  # geometric mean 1: only the relative scale matters
         return np.clip(s, 1e-4, 1e4)
+
+
+@register("awq", SmoothOptions, help="AWQ scaling of salient input channels, for weight-only formats")
+def build(options: SmoothOptions, ctx: PassContext) -> AWQPass:
+    """The AWQ pass for a recipe, searching against its weight format (activations stay float)."""
+    return AWQPass(ctx.windows, alpha=options.alpha, grid=options.grid, weight_spec=ctx.weight_spec,
+                   sample_tokens=options.sample_tokens, progress=ctx.progress)

@@ -17,9 +17,12 @@ import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
 from qgraph.calib.stats import collect_stats
+from qgraph.errors import QGraphError
 from qgraph.ir.qspec import QuantSpec
 from qgraph.ir.regions import find_linears, weight_array
 from qgraph.ir.rewrite import set_linear_weight
+from qgraph.options import option
+from qgraph.passes.registry import PassContext, register
 from qgraph.quantize import dequantize, qparams_from_range, quantize
 
 DEFAULT_RATIOS = tuple(np.round(np.linspace(1.0, 0.5, 11), 3))
@@ -94,3 +97,25 @@ class WeightClipSearchPass(ir.passes.InPlacePass):
     def summary(self) -> dict:
         r = list(self.mean_ratio.values())
         return {"layers": len(r), "mean_clip_ratio": float(np.mean(r)) if r else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSearchOptions:
+    """A recipe's `clip_search` options."""
+
+    ratios: tuple[float, ...] = option(DEFAULT_RATIOS, "fractions of each group's low and high end the search tries",
+                                       gt=0, le=1)
+    sample_tokens: int = option(512, "calibration tokens kept per linear input for the output error", ge=1)
+
+
+def _needs_group_weights(blocks) -> None:
+    if blocks is None or blocks.weights is None or blocks.weights.granularity != "group":
+        raise QGraphError("clip_search needs group weight quantization", "set weights granularity: group, or drop clip_search")
+
+
+@register("clip_search", ClipSearchOptions, help="per-group weight range search on output error (changes outputs)",
+          requires=_needs_group_weights)
+def build(options: ClipSearchOptions, ctx: PassContext) -> WeightClipSearchPass:
+    """The clip search for a recipe's group weight format."""
+    return WeightClipSearchPass(ctx.windows, ctx.weight_spec, ratios=options.ratios, sample_tokens=options.sample_tokens,
+                                progress=ctx.progress)

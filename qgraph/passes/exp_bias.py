@@ -14,6 +14,7 @@ region input, so no second calibration run is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -25,7 +26,9 @@ from qgraph.errors import QGraphError
 from qgraph.ir.qspec import QuantSpec, set_range
 from qgraph.ir.regions import Region, weight_array
 from qgraph.ir.rewrite import scale_region
+from qgraph.options import option
 from qgraph.passes.qsm import source_channel_absmax
+from qgraph.passes.registry import PassContext, register
 from qgraph.quantize import dequantize, fake_quantize, qparams_from_range, quantize
 
 DEFAULT_TARGETS = (0.5, 0.9, 0.99, 1.0)  # quantiles of the per-channel maxima
@@ -128,3 +131,33 @@ class ExponentBiasPass(ir.passes.InPlacePass):
             "per_region": self.chosen,
             "refused": self.refused,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpBiasOptions:
+    """A recipe's `exp_bias` options."""
+
+    max_shift: int = option(4, "bound on |k_c|, the per-channel power-of-two shift (0: only rho is searched)", ge=0)
+    targets: tuple[float, ...] = option(DEFAULT_TARGETS, "quantiles of the channel maxima tried as the shift target t",
+                                        ge=0, le=1)
+    clips: tuple[float, ...] = option(DEFAULT_CLIPS, "fractions of the migrated max|X| tried as the activation range",
+                                      gt=0, le=1)
+    sample_tokens: int = option(256, "calibration tokens kept per region for the search", ge=1)
+
+
+def _needs_float_activations(blocks) -> None:
+    if blocks is None or blocks.weights is None or blocks.activations is None:
+        raise QGraphError("exp_bias needs quantized weights and activations", "drop exp_bias")
+    act = blocks.activations
+    if not act.format.startswith("fp") or act.granularity != "tensor":
+        raise QGraphError(f"exp_bias needs per-tensor float activations, got {act.format} {act.granularity}",
+                          "use activations {format: fp4_e2m1 or fp8_e4m3, granularity: tensor}, or drop exp_bias")
+
+
+@register("exp_bias", ExpBiasOptions, help="LLM-FP4 exponent biases: per-channel powers of two, then rho per region",
+          requires=_needs_float_activations)
+def build(options: ExpBiasOptions, ctx: PassContext) -> ExponentBiasPass:
+    """The exponent-bias pass for a recipe's float weight and activation formats."""
+    return ExponentBiasPass(ctx.windows, weight_spec=ctx.weight_spec, activation_spec=ctx.activation_spec,
+                            max_shift=options.max_shift, targets=options.targets, clips=options.clips,
+                            sample_tokens=options.sample_tokens, progress=ctx.progress)

@@ -14,6 +14,8 @@ import onnx_ir as ir
 
 from qgraph.ir.regions import find_regions, shift_refusal
 from qgraph.ir.rewrite import scale_region, shift_region
+from qgraph.options import NoOptions
+from qgraph.passes.registry import PassContext, register
 
 
 class FoldNormAffinePass(ir.passes.InPlacePass):
@@ -50,3 +52,9 @@ class FoldNormAffinePass(ir.passes.InPlacePass):
 
     def summary(self) -> dict:
         return {"folded": len(self.folded), "refused": self.refused}
+
+
+@register("fold_norm_affine", NoOptions, help="pre-norm gammas and LayerNorm betas folded into their linears")
+def build(options: NoOptions, ctx: PassContext) -> FoldNormAffinePass:
+    """The fold for a recipe (it needs neither calibration nor specs)."""
+    return FoldNormAffinePass()

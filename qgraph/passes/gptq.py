@@ -27,9 +27,12 @@ import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
 from qgraph.calib.stats import collect_stats
+from qgraph.errors import QGraphError
 from qgraph.ir.qspec import QuantSpec
 from qgraph.ir.regions import find_linears, weight_array
 from qgraph.ir.rewrite import set_linear_weight
+from qgraph.options import option
+from qgraph.passes.registry import PassContext, register
 from qgraph.quantize import broadcast_params, dequantize, fake_quantize, qparams_from_range, quantize, tensor_range
 
 DEFAULT_DAMP = 0.01  # of the mean diagonal of H, added to it: keeps H^-1 well conditioned
@@ -152,3 +155,26 @@ class ErrorFeedbackRoundingPass(ir.passes.InPlacePass):
     def summary(self) -> dict:
         r = list(self.error_ratio.values())
         return {"layers": len(r), "output_error_vs_round_to_nearest": float(np.mean(r)) if r else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQOptions:
+    """A recipe's `gptq` options."""
+
+    damp: float = option(DEFAULT_DAMP, "added to the diagonal of H, as a fraction of its mean (keeps H^-1 well conditioned)",
+                         gt=0)
+    act_order: bool = option(True, "round rows in order of decreasing H_kk (false: in input order)")
+
+
+def _needs_scaled_weights(blocks) -> None:
+    if blocks is None or blocks.weights is None or blocks.weights.granularity == "tensor":
+        raise QGraphError("gptq rounds quantized weights with per-channel or per-group scales",
+                          "set weights granularity: channel or group")
+
+
+@register("gptq", GPTQOptions, help="GPTQ error-feedback rounding of the block weights (changes outputs)",
+          requires=_needs_scaled_weights, last="move the weights off the grid gptq rounded them to")
+def build(options: GPTQOptions, ctx: PassContext) -> ErrorFeedbackRoundingPass:
+    """The error-feedback rounding for a recipe's weight format."""
+    return ErrorFeedbackRoundingPass(ctx.windows, ctx.weight_spec, damp=options.damp, act_order=options.act_order,
+                                     progress=ctx.progress)

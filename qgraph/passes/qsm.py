@@ -20,6 +20,9 @@ first positions, so the attention-sink tokens' huge values are never clipped awa
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
 import numpy as np
 import onnx_ir as ir
 
@@ -28,6 +31,8 @@ from qgraph.calib.stats import region_stats
 from qgraph.ir.qspec import set_range
 from qgraph.ir.regions import Region, shift_refusal, weight_array
 from qgraph.ir.rewrite import scale_region
+from qgraph.options import option
+from qgraph.passes.registry import PassContext, register
 from qgraph.passes.shift import centre_region
 from qgraph.passes.split_channels import split_channels
 
@@ -157,3 +162,25 @@ class QuantStepMigrationPass(ir.passes.InPlacePass):
             "regions": self.migrated,
             "refused": self.refused,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class QSMOptions:
+    """A recipe's `qsm` options."""
+
+    clip: float | Literal["search"] = option(
+        1.0, "step = clip * max|x| / qmax per channel: a ratio in (0, 1], or search one per channel", gt=0, le=1)
+    split_threshold: float | None = option(
+        8.0, "split gated-MLP channels whose step exceeds this many times the median step (null: no splits)", gt=1)
+    max_copies: int = option(8, "most parts one split channel becomes", ge=2)
+    shift: bool = option(False, "centre each region first (OS+ shift) where its source and sinks have biases")
+    sample_tokens: int = option(512, "calibration tokens kept per region for clip: search", ge=1)
+
+
+@register("qsm", QSMOptions, help="quantization-step migration with exact channel splitting")
+def build(options: QSMOptions, ctx: PassContext) -> QuantStepMigrationPass:
+    """The QSM pass for a recipe, migrating onto its activation grid."""
+    qmin, qmax = centred_grid(ctx.activation_spec)
+    return QuantStepMigrationPass(ctx.windows, qmax=qmax, qmin=qmin, clip=options.clip,
+                                  sample_tokens=options.sample_tokens, split_threshold=options.split_threshold,
+                                  max_copies=options.max_copies, shift=options.shift, progress=ctx.progress)

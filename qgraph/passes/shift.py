@@ -11,6 +11,8 @@ bias to take it; elsewhere it would cost a runtime Add, so the region is refused
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 
@@ -19,6 +21,8 @@ from qgraph.calib.stats import ChannelStats, region_stats
 from qgraph.ir.qspec import QuantSpec
 from qgraph.ir.regions import Region, shift_refusal, weight_array
 from qgraph.ir.rewrite import scale_region, shift_region
+from qgraph.options import option
+from qgraph.passes.registry import PassContext, register
 from qgraph.passes.smooth import quantized_output_error
 
 
@@ -109,3 +113,20 @@ class OutlierShiftPass(ir.passes.InPlacePass):
     def summary(self) -> dict:
         return {"regions_shifted": len(self.shifted), "regions": self.shifted, "refused": self.refused}
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftOptions:
+    """A recipe's `shift` options."""
+
+    scale: bool = option(True, "after the shift, divide wide channels by max(1, r / t), t searched per region")
+    steps: int = option(20, "thresholds t the search tries, evenly spaced up to the largest half-range", ge=1)
+    sample_tokens: int = option(512, "calibration tokens kept per region for the search", ge=1)
+
+
+@register("shift", ShiftOptions, help="OS+ shift (and scale) of channels where biases at both ends take it")
+def build(options: ShiftOptions, ctx: PassContext) -> OutlierShiftPass:
+    """The OS+ pass for a recipe, searching against its weight and activation formats."""
+    return OutlierShiftPass(ctx.windows, scale=options.scale, steps=options.steps, weight_spec=ctx.weight_spec,
+                            activation_spec=ctx.activation_spec, sample_tokens=options.sample_tokens,
+                            progress=ctx.progress)

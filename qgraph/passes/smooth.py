@@ -9,6 +9,9 @@ sink outputs Q(X / s) Q(s W) are closest to the float X W wins.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Literal
+
 import numpy as np
 import onnx_ir as ir
 
@@ -17,6 +20,8 @@ from qgraph.calib.stats import ChannelStats, region_stats
 from qgraph.ir.qspec import QuantSpec
 from qgraph.ir.regions import Region, weight_array
 from qgraph.ir.rewrite import scale_region
+from qgraph.options import option
+from qgraph.passes.registry import PassContext, register
 from qgraph.quantize import dequantize, fake_quantize, qparams_from_range, quantize
 
 # Coarse grid for the strength search; the best point is then refined by +-0.05.
@@ -127,3 +132,22 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             "regions": self.chosen,
             "refused": self.refused,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class SmoothOptions:
+    """A recipe's `smooth` (and `awq`) options: the strength, fixed or searched per region."""
+
+    alpha: float | Literal["search"] = option(
+        "search", "strength in [0, 1] (the exponent on the activation statistic), or search it per region", ge=0, le=1)
+    grid: tuple[float, ...] = option(DEFAULT_GRID, "strengths the search tries; the best is refined by +-0.05",
+                                     ge=0, le=1)
+    sample_tokens: int = option(512, "calibration tokens kept per region for the search", ge=1)
+
+
+@register("smooth", SmoothOptions, help="SmoothQuant: activation outliers migrated into the weights, per region")
+def build(options: SmoothOptions, ctx: PassContext) -> SmoothQuantPass:
+    """The SmoothQuant pass for a recipe, searching against its weight and activation formats."""
+    return SmoothQuantPass(ctx.windows, alpha=options.alpha, grid=options.grid, weight_spec=ctx.weight_spec,
+                           activation_spec=ctx.activation_spec, sample_tokens=options.sample_tokens,
+                           progress=ctx.progress)

@@ -4,45 +4,47 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from qgraph.errors import QGraphError
+from qgraph.options import check_keys, kind_of, option, parse_options
 
 RECIPE_DIR = Path(__file__).parent
 
 _TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations", "lm_head", "embedding", "lowering",
              "int8_kernel"}
-# Graph passes a recipe may run before annotation, with the options each accepts.
-PASS_OPTIONS: dict[str, set[str]] = {
-    "smooth": {"alpha", "grid", "sample_tokens"},
-    "qsm": {"clip", "split_threshold", "max_copies", "shift", "sample_tokens"},
-    "shift": {"scale", "steps", "sample_tokens"},
-    "awq": {"alpha", "grid", "sample_tokens"},
-    "clip_search": {"ratios", "sample_tokens"},
-    "fold_norm_affine": set(),
-    "exp_bias": {"max_shift", "targets", "clips", "sample_tokens"},
-    "gptq": {"damp", "act_order"},
-}
 _LAYER_KEYS = {"select", "skip"}
-_WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
-_ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer"}
-_EMBEDDING_KEYS = {"format", "granularity", "group_size"}
+WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
+ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer"}
+EMBEDDING_KEYS = {"format", "granularity", "group_size"}
 _HEAD_KEYS = {"weights", "activations", "lowering"}
+LOWERINGS = {
+    "qdq": "QuantizeLinear/DequantizeLinear pairs ORT fuses into its integer kernels",
+    "matmulnbits": "ORT's MatMulNBits: int4 group weights, float activations",
+    "fp4-emulated": "FP4 E2M1 codes and rounding in ops ORT runs (no float4e2m1 kernel in ORT 1.32)",
+}
+
+
+def _format_names() -> tuple[str, ...]:
+    from qgraph.ir.qspec import FORMATS
+
+    return tuple(FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
     """How one kind of tensor is quantized, before it is bound to a layer's axes."""
 
-    format: str
-    granularity: str = "channel"
-    group_size: int | None = None
-    symmetric: bool = True
-    static: bool = True
-    observer: str = "minmax"
-    full_range: bool = False
+    format: str = option(help="number format", choices=_format_names, example="int8", aliases=("bits", "dtype", "type"))
+    granularity: Literal["tensor", "channel", "group"] = option(
+        "channel", "one scale per tensor, per channel (weights: output; activations: feature) or per group of inputs")
+    group_size: int | None = option(None, "inputs sharing one scale, with granularity group", ge=1, example=128)
+    symmetric: bool = option(True, "no zero point (false: one per scale)")
+    static: bool = option(True, "activation ranges calibrated ahead of time (false: computed at run time)")
+    observer: Literal["minmax"] = option("minmax", "how calibration turns activations into a range")
+    full_range: bool = option(False, "symmetric signed integers also use code -2^(b-1) (as llama.cpp Q4_0)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,132 +110,135 @@ def available() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def _check_keys(d: Any, allowed: set[str], where: str, origin: str) -> dict:
-    if d is None:
-        return {}
-    if not isinstance(d, dict):
-        raise QGraphError(f"recipe {origin}: {where} must be a mapping, got {type(d).__name__}",
-                          f"write {where} as key: value lines")
-    unknown = sorted(set(d) - allowed)
-    if unknown:
-        import difflib
-
-        hints = [difflib.get_close_matches(k, allowed, n=1) for k in unknown]
-        did = "; ".join(f"{k!r} -> did you mean {h[0]!r}?" for k, h in zip(unknown, hints, strict=True) if h)
-        raise QGraphError(
-            f"recipe {origin}: unknown key(s) {', '.join(map(repr, unknown))} in {where}",
-            (did + "; " if did else "") + f"allowed keys: {', '.join(sorted(allowed))}",
-        )
-    return d
-
-
 def _tensor_rule(d: Any, where: str, origin: str, allowed: set[str]) -> TensorRule | None:
     if d in (None, "float", "none"):
         return None
-    d = _check_keys(d, allowed, where, origin)
-    if "format" not in d:
-        raise QGraphError(f"recipe {origin}: {where} has no format", "add e.g. `format: int8`")
-    from qgraph.ir.qspec import FORMATS
-
-    if d["format"] not in FORMATS:
-        raise QGraphError(f"recipe {origin}: unknown format {d['format']!r} in {where}",
-                          f"use one of {', '.join(FORMATS)}")
-    gran = d.get("granularity", "channel")
-    if gran not in ("tensor", "channel", "group"):
-        raise QGraphError(f"recipe {origin}: unknown granularity {gran!r} in {where}", "use tensor, channel or group")
-    if gran == "group" and not d.get("group_size"):
+    rule = parse_options(TensorRule, d, where, origin, keys=allowed)
+    if rule.granularity == "group" and rule.group_size is None:
         raise QGraphError(f"recipe {origin}: {where} has granularity group but no group_size", "add group_size: 128")
-    return TensorRule(
-        format=d["format"], granularity=gran, group_size=d.get("group_size"),
-        symmetric=bool(d.get("symmetric", True)), static=bool(d.get("static", True)),
-        observer=d.get("observer", "minmax"), full_range=bool(d.get("full_range", False)),
-    )
+    if rule.granularity != "group" and rule.group_size is not None:
+        raise QGraphError(f"recipe {origin}: {where}.group_size applies to granularity group, not {rule.granularity}",
+                          "add granularity: group, or drop group_size")
+    return rule
+
+
+def _kernel_block(rule: TensorRule, where: str, origin: str, kernel: str, fix: str) -> None:
+    """ORT's block kernels (MatMulNBits, GatherBlockQuantized) take power-of-two blocks of 16 or more."""
+    size = rule.group_size
+    if size < 16 or size & (size - 1):
+        raise QGraphError(f"recipe {origin}: {where}.group_size: {size} is not a power of two >= 16, which {kernel} needs",
+                          fix)
 
 
 def _layer_rule(d: Any, where: str, origin: str) -> LayerRule | None:
     if d in (None, "float", "none"):
         return None
-    d = _check_keys(d, _HEAD_KEYS, where, origin)
-    lowering = d.get("lowering", "qdq")
-    if lowering not in ("qdq", "matmulnbits", "fp4-emulated"):
-        raise QGraphError(f"recipe {origin}: unknown lowering {lowering!r} in {where}", "use qdq, matmulnbits or fp4-emulated")
+    d = check_keys(d, _HEAD_KEYS, where, origin)
     prefix = "" if where == "the blocks" else f"{where}."
+    lowering = d.get("lowering", "qdq")
+    if not isinstance(lowering, str) or lowering not in LOWERINGS:
+        raise QGraphError(f"recipe {origin}: {prefix}lowering: unknown lowering {lowering!r}",
+                          f"use one of {', '.join(LOWERINGS)}")
     rule = LayerRule(
-        _tensor_rule(d.get("weights"), f"{prefix}weights", origin, _WEIGHT_KEYS),
-        _tensor_rule(d.get("activations"), f"{prefix}activations", origin, _ACT_KEYS),
+        _tensor_rule(d.get("weights"), f"{prefix}weights", origin, WEIGHT_KEYS),
+        _tensor_rule(d.get("activations"), f"{prefix}activations", origin, ACT_KEYS),
         lowering,
     )
     if rule.weights is None and rule.activations is None:
         return None
-    if rule.lowering == "matmulnbits" and (rule.activations is not None or rule.weights is None
-                                           or rule.weights.format not in ("int4", "uint4")
-                                           or rule.weights.granularity != "group"):
-        raise QGraphError(f"recipe {origin}: lowering matmulnbits in {where} is int4 group weight-only",
-                          "use weights {format: int4, granularity: group} with no activations, or lowering: qdq")
+    if rule.lowering == "matmulnbits":
+        if (rule.activations is not None or rule.weights is None or rule.weights.format not in ("int4", "uint4")
+                or rule.weights.granularity != "group"):
+            raise QGraphError(f"recipe {origin}: lowering matmulnbits in {where} is int4 group weight-only",
+                              "use weights {format: int4, granularity: group} with no activations, or lowering: qdq")
+        _kernel_block(rule.weights, f"{prefix}weights", origin, "MatMulNBits", "use group_size: 32, 64 or 128, or lowering: qdq")
     if rule.lowering == "fp4-emulated" and any(t and t.format != "fp4_e2m1" for t in (rule.weights, rule.activations)):
         raise QGraphError(f"recipe {origin}: lowering fp4-emulated in {where} emulates fp4_e2m1 weights and activations",
                           "use format fp4_e2m1 for both, or lowering: qdq")
     return rule
 
 
-def _passes(items: Any, origin: str) -> tuple[tuple[str, dict], ...]:
+def _passes(items: Any, blocks: LayerRule | None, origin: str) -> tuple[tuple[str, dict], ...]:
+    """The recipe's passes as written, each checked against its registration (qgraph.passes.registry)."""
+    from qgraph.passes.registry import lookup
+
     if items in (None, []):
         return ()
     if not isinstance(items, list):
-        raise QGraphError(f"recipe {origin}: passes must be a list", "write `passes:` then `- smooth: {alpha: search}` lines")
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            name, options = item, {}
-        elif isinstance(item, dict) and len(item) == 1:
+        raise QGraphError(f"recipe {origin}: passes must be a list, got {kind_of(items)}",
+                          "write `passes:` then `- smooth: {alpha: search}` lines")
+    out, entries = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and len(item) == 1:
             name, options = next(iter(item.items()))
+        elif isinstance(item, dict) or not isinstance(item, str):
+            raise QGraphError(f"recipe {origin}: passes[{i}] is {item!r}, not one pass",
+                              "write each pass on its own `- ` line: `- gptq` or `- smooth: {alpha: 0.5}`")
         else:
-            name, options = None, None
-        if name not in PASS_OPTIONS:
-            import difflib
-
-            near = difflib.get_close_matches(str(name), PASS_OPTIONS, n=1)
-            raise QGraphError(f"recipe {origin}: unknown pass {name!r} in passes",
-                              (f"did you mean {near[0]!r}? " if near else "") + f"known passes: {', '.join(PASS_OPTIONS)}")
-        options = _check_keys(options or {}, PASS_OPTIONS[name], f"passes.{name}", origin)
-        out.append((name, dict(options)))
-    names = [name for name, _ in out]
-    if "gptq" in names and names[-1] != "gptq":
-        after = names[names.index("gptq") + 1]
-        raise QGraphError(f"recipe {origin}: pass {after!r} runs after gptq and would move the weights off the grid "
-                          "gptq rounded them to", "list gptq last in passes")
+            name, options = item, None
+        entry = lookup(name, origin)
+        entry.parse(options, origin)
+        entry.check(blocks, origin)
+        out.append((name, dict(options or {})))
+        entries.append(entry)
+    for entry, (after, _) in zip(entries, out[1:], strict=False):
+        if entry.last:
+            raise QGraphError(f"recipe {origin}: pass {after!r} runs after {entry.name} and would {entry.last}",
+                              f"list {entry.name} last in passes")
     return tuple(out)
+
+
+def _text(d: dict, key: str, default: str, origin: str) -> str:
+    value = d.get(key, default)
+    if not isinstance(value, str):
+        raise QGraphError(f"recipe {origin}: {key}: {value!r} is not text", f'quote it: {key}: "{value}"')
+    return value
 
 
 def parse_recipe(data: Any, origin: str) -> Recipe:
     """Validate a recipe mapping; every mistake names the key and the fix."""
-    d = _check_keys(data, _TOP_KEYS, "the top level", origin)
-    layers = _check_keys(d.get("layers", {}), _LAYER_KEYS, "layers", origin)
+    if data is None:
+        raise QGraphError(f"recipe {origin} is empty", "write at least `weights: {format: int8}` (see `qgraph recipes w8a8`)")
+    if not isinstance(data, dict):
+        raise QGraphError(f"recipe {origin}: the top level must be a mapping of keys (name, weights, ...), got {kind_of(data)}",
+                          "write the recipe as key: value lines (see `qgraph recipes w8a8`)")
+    d = check_keys(data, _TOP_KEYS, "the top level", origin)
+    layers = check_keys(d.get("layers", {}), _LAYER_KEYS, "layers", origin)
     select = layers.get("select", "block-linears")
     if select != "block-linears":
         raise QGraphError(f"recipe {origin}: unknown layers.select {select!r}", "use block-linears")
+    skip = layers.get("skip") or []
+    if not isinstance(skip, list) or not all(isinstance(name, str) for name in skip):
+        raise QGraphError(f"recipe {origin}: layers.skip: {skip!r} is not a list of layer names",
+                          "write skip: [name, ...] with names `qgraph inspect MODEL` lists")
     blocks = _layer_rule(
         {k: d[k] for k in ("weights", "activations", "lowering") if k in d}, "the blocks", origin
     )
-    embedding = _tensor_rule(d.get("embedding"), "embedding", origin, _EMBEDDING_KEYS)
-    if embedding is not None and (embedding.format != "int8" or embedding.granularity != "group"):
-        raise QGraphError(f"recipe {origin}: embedding {embedding.format} {embedding.granularity} is not supported",
-                          "use embedding: {format: int8, granularity: group, group_size: 32}, or float")
-    tied = d.get("lm_head") == "tied"
+    embedding = _tensor_rule(d.get("embedding"), "embedding", origin, EMBEDDING_KEYS)
+    if embedding is not None:
+        if embedding.format != "int8" or embedding.granularity != "group":
+            raise QGraphError(f"recipe {origin}: embedding {embedding.format} {embedding.granularity} is not supported",
+                              "use embedding: {format: int8, granularity: group, group_size: 32}, or float")
+        _kernel_block(embedding, "embedding", origin, "GatherBlockQuantized", "use group_size: 32")
+    head = d.get("lm_head")
+    tied = head == "tied"
     if tied and embedding is None:
         raise QGraphError(f"recipe {origin}: lm_head: tied reads the quantized embedding table, but embedding is float",
                           "quantize the table (embedding: {format: int8, granularity: group, group_size: 32}) "
                           "or set lm_head: float")
+    if isinstance(head, str) and head not in ("tied", "float", "none"):
+        raise QGraphError(f"recipe {origin}: lm_head: {head!r} is not float, tied or a mapping",
+                          "write lm_head: float, lm_head: tied, or lm_head: {weights: {format: int8}}")
     return Recipe(
-        name=str(d.get("name", Path(origin).stem)),
-        description=str(d.get("description", "")),
+        name=_text(d, "name", Path(origin).stem, origin),
+        description=_text(d, "description", "", origin),
         blocks=blocks,
-        lm_head=None if tied else _layer_rule(d.get("lm_head"), "lm_head", origin),
+        lm_head=None if tied else _layer_rule(head, "lm_head", origin),
         embedding=embedding,
         lm_head_tied=tied,
         select=select,
-        skip=tuple(layers.get("skip", []) or []),
-        passes=_passes(d.get("passes"), origin),
+        skip=tuple(skip),
+        passes=_passes(d.get("passes"), blocks, origin),
         source=origin,
     ).with_int8_kernel(d.get("int8_kernel", "u8u8"), f"recipe {origin}: int8_kernel")
 
@@ -250,8 +255,36 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
             raise QGraphError(f"unknown recipe {text!r}", f"use one of {', '.join(available())} or a path to a .yaml file")
     elif not path.exists():
         raise QGraphError(f"recipe file {text!r} does not exist", f"use one of {', '.join(available())} or an existing .yaml")
+    return parse_recipe(_read_yaml(path), path.name)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML document in a recipe file; unreadable, non-UTF-8 and malformed files are one-line errors."""
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise QGraphError(f"cannot read recipe file {str(path)!r}: {exc.strerror}", "pass a readable .yaml file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise QGraphError(f"recipe {path.name} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                          "save the recipe as a UTF-8 YAML text file") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise QGraphError(f"recipe {path.name}: not valid YAML ({str(exc).splitlines()[0]})", "fix the YAML syntax") from None
-    return parse_recipe(data, path.name)
+        raise QGraphError(f"recipe {path.name}: not valid YAML {_yaml_problem(exc, text)}", "fix the YAML syntax there") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """'at line 2, column 1: expected ...' from a PyYAML error, on one line."""
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        return f"at line {line}: unacceptable character #x{code:04x} ({exc.reason})"
+    mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark:
+        problem += f" ({context} from line {context_mark.line + 1})"
+    return where + problem

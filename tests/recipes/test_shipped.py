@@ -1,0 +1,61 @@
+"""Shipped recipes load and build their passes exactly as recorded before the pass registry existed.
+
+shipped_recipes.json was written by `snapshot()` on the commit before the registry (9aee0db):
+every shipped recipe's to_dict() and the attributes of each pass it builds, plus every pass built
+with no options (its defaults). Values are compared after a JSON round trip, so an int option the
+registry now types as float (qsm split_threshold 8 -> 8.0) compares equal, as it computes the same.
+Since then recipes carry `int8_kernel` (default u8u8, added to every recipe entry by hand).
+After an intended change to a recipe or a pass default, rewrite the file with
+`python -c "from tests.recipes.test_shipped import write; write()"`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from qgraph import api
+from qgraph.recipes import available, load_recipe
+
+GOLDEN = Path(__file__).with_name("shipped_recipes.json")
+WINDOWS = object()  # passes only keep the calibration windows at construction
+# Every pass with no options, under a shipped recipe whose formats it accepts.
+DEFAULTS = {"w8a8": ["smooth", "awq", "qsm", "shift", "fold_norm_affine", "gptq"], "fp4": ["exp_bias"],
+            "w4a16": ["clip_search", "gptq"], "w4a16-awq": ["qsm", "awq"]}
+
+
+def _plain(v):
+    if dataclasses.is_dataclass(v):
+        return dataclasses.asdict(v)
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return v.item() if hasattr(v, "item") else v
+
+
+def _attrs(p) -> dict:
+    return {"type": type(p).__name__, **{k: _plain(v) for k, v in sorted(vars(p).items()) if k != "windows"}}
+
+
+def snapshot() -> dict:
+    """Every shipped recipe and the passes it builds, as JSON-able data."""
+    out = {}
+    for name in available():
+        r = load_recipe(name)
+        out[name] = {"recipe": r.to_dict(), "passes": [_attrs(api._recipe_pass(n, o, r, WINDOWS, False)) for n, o in r.passes]}
+    for base, names in DEFAULTS.items():
+        r = load_recipe(base)
+        out[f"defaults/{base}"] = [_attrs(api._recipe_pass(n, {}, r, WINDOWS, True)) for n in names]
+    return json.loads(json.dumps(out))
+
+
+def write() -> None:
+    GOLDEN.write_text(json.dumps(snapshot(), indent=1, sort_keys=True) + "\n")
+
+
+def test_shipped_recipes_and_their_passes_are_unchanged():
+    golden = json.loads(GOLDEN.read_text())
+    now = snapshot()
+    assert sorted(now) == sorted(golden)
+    for key in golden:
+        assert now[key] == golden[key], key
