@@ -269,6 +269,7 @@ def recipes_cmd(
         _out().print(_option_table("embedding table", info["embedding"]))
     skip = info["layers"]["skip"]
     _out().print(f"layers: {info['layers']['select']}" + (f", float: {', '.join(skip)}" if skip else ""))
+    _out().print(f"int8_kernel: {info['int8_kernel']['name']} ({info['int8_kernel']['help']})")
 
 
 def _option_table(title: str, rows: list[dict]):

@@ -14,6 +14,7 @@ def shipped() -> list[dict]:
 
 def describe(recipe: Recipe) -> dict:
     """A recipe's passes in order (each option's value, type, default, help) and its weights/activations/lowering."""
+    from qgraph.backends.int8_kernels import KERNELS
     from qgraph.passes.registry import lookup
 
     origin = recipe.source or recipe.name
@@ -30,6 +31,7 @@ def describe(recipe: Recipe) -> dict:
         "blocks": _layer(recipe.blocks),
         "lm_head": "tied" if recipe.lm_head_tied else _layer(recipe.lm_head),
         "embedding": _tensor(recipe.embedding, EMBEDDING_KEYS),
+        "int8_kernel": {"name": recipe.int8_kernel, "help": KERNELS[recipe.int8_kernel].help},
     }
 
 
