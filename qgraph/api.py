@@ -144,6 +144,14 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     verify=True runs the float graph before and after every function-preserving pass (random and
     calibration tokens) and raises if its outputs move beyond float rounding.
     """
+    from qgraph.calib.blas import blas_threads
+    from qgraph.calib.stats import CALIB_THREADS
+
+    with blas_threads(CALIB_THREADS):  # numpy's float sums too, not only ORT's: the same artifact on any machine
+        return _compile(model, recipe, calib, progress=progress, verify=verify)
+
+
+def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: bool) -> CompiledModel:
     import onnx_ir as ir
 
     from qgraph.backends.onnx_qdq import LowerToOnnxPass
