@@ -77,22 +77,20 @@ def write_atomically(out_dir: str | Path, fill: Callable[[Path], None]) -> Path:
     is left as it was.
     """
     out = check_output_dir(out_dir)
-    with _sigint_held():
-        try:
+    tmp: Path | None = None
+    try:
+        with _sigint_held():  # a Ctrl-C held here arrives inside the try, so the new directory is removed
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        except OSError as exc:
-            raise QGraphError(f"cannot create the output {str(out)!r}: {exc.strerror}",
-                              "choose -o OUT_DIR in a directory you can write to") from None
-    try:
         tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is an ordinary directory
         fill(tmp)
     except BaseException as exc:
-        with _sigint_held():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        if tmp is not None:
+            with _sigint_held():
+                shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and (tmp is None or exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)):
             raise QGraphError(f"cannot write the artifact {str(out)!r}: {exc.strerror}",
-                              "free disk space or choose -o OUT_DIR elsewhere") from None
+                              "free disk space, or choose -o OUT_DIR in a directory you can write to") from None
         raise
     with _sigint_held():
         _replace(tmp, out)

@@ -34,7 +34,10 @@ def _openblas() -> tuple | None:
         return None
     paths = {p for p in paths if "openblas" in os.path.basename(p).lower() and ".so" in os.path.basename(p)}
     for path in sorted(paths):
-        lib = ctypes.CDLL(path)
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: the same handle
+        except OSError:
+            continue
         setter = next((getattr(lib, s) for s in _SETTERS if hasattr(lib, s)), None)
         getter = next((getattr(lib, g) for g in _GETTERS if hasattr(lib, g)), None)
         if setter is not None and getter is not None:
