@@ -144,15 +144,26 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     verify=True runs the float graph before and after every function-preserving pass (random and
     calibration tokens) and raises if its outputs move beyond float rounding.
     """
+    from qgraph.calib.blas import blas_threads
+    from qgraph.calib.stats import CALIB_THREADS
+
+    with blas_threads(CALIB_THREADS):  # numpy's float sums too, not only ORT's: the same artifact on any machine
+        return _compile(model, recipe, calib, progress=progress, verify=verify)
+
+
+def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: bool) -> CompiledModel:
     import onnx_ir as ir
 
     from qgraph.backends.onnx_qdq import LowerToOnnxPass, int8_kernel_record
+    from qgraph.ir.checks import check_compilable, extra_inputs, left_in_float
     from qgraph.passes.annotate import AnnotateLinearsPass
     from qgraph.passes.calibrate_ranges import CalibrateRangesPass
 
     recipe = load_recipe(recipe)
     if model.model is None:
         raise QGraphError("this CapturedModel was loaded without export", "use qgraph.load(...) to capture it")
+    check_compilable(model.model, runs_graph=recipe.needs_calibration or verify)
+    not_quantized = left_in_float(model.model)
     graph_model = model.model.clone()  # passes work in place; the captured graph stays float
     passes: list[dict] = []
     verified: list[dict] = []
@@ -196,8 +207,9 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
     t = time.perf_counter()
     # ORT 1.32 has no float4e2m1 Q/DQ kernel: the standard opset-23 FP4 form is written but not measured here.
     runs_in_ort = all(v.dtype != ir.DataType.FLOAT4E2M1 for v in graph_model.graph.initializers.values())
+    # A graph with inputs besides the token ids (a weight fed at run time) cannot be run for SQNR.
     sqnr = (_layer_sqnr(model, float_reference, graph_model, list(annotate.annotated), calib, progress)
-            if annotate.annotated and runs_in_ort else {})
+            if annotate.annotated and runs_in_ort and not extra_inputs(graph_model) else {})
     sqnr_seconds = round(time.perf_counter() - t, 3)
     layers = [{"name": name, **note.describe(), **({"sqnr_db": round(sqnr[name], 2)} if name in sqnr else {})}
               for name, note in annotate.annotated.items()]
@@ -207,6 +219,7 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         "quantized_layers": len(layers),
         "skipped_layers": annotate.skipped,
         "float_layers": annotate.left_float,
+        "not_quantized": not_quantized,
         "timings_s": {**{p["pass"]: p["seconds"] for p in passes}, "layer_sqnr": sqnr_seconds},
         "verified": verified if verify else None,
         "layer_sqnr_db": {n: round(v, 3) for n, v in sqnr.items()},
@@ -319,6 +332,12 @@ def _ort_session_checked(make, path: Path, threads: int):
     try:
         return make(path, threads=threads)
     except Exception as exc:
+        from qgraph.ir.checks import external_data_problem
+
+        problem = external_data_problem(path)
+        if problem:
+            raise QGraphError(f"cannot read ONNX file {str(path)!r}: {problem}",
+                              "put the complete .data file beside the .onnx file, or recompile the artifact") from None
         raise QGraphError(
             f"ONNX Runtime cannot load {str(path)!r}: {str(exc).splitlines()[0][:200]}",
             "re-export or recompile the model; check its .data file is complete",

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import sys
+import threading
 import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -289,28 +295,109 @@ def _option_table(title: str, rows: list[dict]):
     return table
 
 
-def main() -> None:
-    """Entry point: user errors print one line and exit 2; no tracebacks for bad input."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        app(standalone_mode=False)
-    except QGraphError as exc:
-        print(f"qgraph: error: {exc.what}" + (f" -- {exc.fix}" if exc.fix else ""), file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("qgraph: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an internal error (or set QGRAPH_DEBUG=1)."),
+) -> None:
+    if debug:
+        os.environ["QGRAPH_DEBUG"] = "1"
 
-        if isinstance(exc, click.exceptions.ClickException):
+
+def _hoist_debug(args: list[str]) -> list[str]:
+    """Accept --debug anywhere before `--`: a user reruns the failing command with --debug appended."""
+    cut = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:cut]:
+        return args
+    return ["--debug", *[a for a in args[:cut] if a != "--debug"], *args[cut:]]
+
+
+def _usage_line(exc, args: list[str]) -> str:
+    """A click usage error as one line: what is wrong, for which command, where its help is."""
+    ctx = getattr(exc, "ctx", None)
+    command = ctx.command_path if ctx is not None else "qgraph"
+    if ctx is None:  # click's parser raises some errors (an option without its value) with no context
+        named = [a for a in args if a in typer.main.get_command(app).commands]
+        command = f"qgraph {named[0]}" if named else command
+    if getattr(exc, "option_name", None) and hasattr(exc, "possibilities"):  # NoSuchOption
+        what = f"no such option {exc.option_name}"
+        if exc.possibilities:
+            what += f" (did you mean {' or '.join(sorted(exc.possibilities))}?)"
+    else:
+        what = " ".join(exc.format_message().split()).rstrip(".")
+        what = re.sub(r"\. Did you mean (.*)\?$", r" (did you mean \1?)", what)
+        what = what[:1].lower() + what[1:]
+    return f"qgraph: error: {what} for {command!r} -- see {command} --help"
+
+
+def _click_exceptions() -> tuple[type, type]:
+    """(ClickException, UsageError) of the click that typer runs: typer >= 0.20 vendors its own copy."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # older typer runs on click itself
+        from click import exceptions
+    return exceptions.ClickException, exceptions.UsageError
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one line per error; user errors and usage errors exit 2, internal errors 1, Ctrl-C 130."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _hoist_debug(sys.argv[1:] if argv is None else list(argv))
+    with _sigint_recorded() as interrupted:
+        try:
+            # standalone_mode=False: errors come back here instead of click printing usage blocks and
+            # tracebacks; click turns Ctrl-C into the return value 130.
+            code = app(args=args, prog_name="qgraph", standalone_mode=False)
+        except Exception as exc:
+            # Ctrl-C inside an extension (during ONNX Runtime's import) can surface as another error.
+            code = 130 if interrupted else _report(exc, args)
+    if code == 130:
+        print("qgraph: interrupted", file=sys.stderr)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+@contextlib.contextmanager
+def _sigint_recorded() -> Iterator[list[int]]:
+    """Note every Ctrl-C (and raise KeyboardInterrupt, as Python does); the list stays empty until one comes."""
+    seen: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _report(exc: Exception, args: list[str]) -> int:
+    """Print one line for exc; the exit code: 2 for user and usage errors, 1 for anything qgraph did not expect."""
+    click_error, usage_error = _click_exceptions()
+    if os.environ.get("QGRAPH_DEBUG") == "1" and not isinstance(exc, click_error):
+        traceback.print_exception(exc)
+    if isinstance(exc, QGraphError):
+        print(f"qgraph: error: {exc.what}" + (f" -- {exc.fix}" if exc.fix else ""), file=sys.stderr)
+        return 2
+    if isinstance(exc, click_error):
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `qgraph`: the help text is the answer
             exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
+        elif isinstance(exc, usage_error):
+            print(_usage_line(exc, args), file=sys.stderr)
+        else:
+            print(f"qgraph: error: {' '.join(exc.format_message().split())}", file=sys.stderr)
+        return exc.exit_code
+    if isinstance(exc, (typer.Abort, EOFError)):
+        print("qgraph: aborted", file=sys.stderr)
+        return 1
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    print(f"qgraph: internal error: {type(exc).__name__}: {first} -- rerun with --debug for the traceback",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

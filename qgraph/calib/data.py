@@ -67,10 +67,33 @@ def tokenize_text(tokenizer, text_path: str | Path | None = None) -> tuple[np.nd
             "compile from a Hugging Face directory or .gguf, or from a qgraph artifact's model.onnx",
         )
     if not path.is_file():
-        raise QGraphError(f"text file {str(path)!r} does not exist", "pass an existing UTF-8 text file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+        state = "is a directory" if path.is_dir() else "does not exist"
+        raise QGraphError(f"text file {str(path)!r} {state}", "pass an existing UTF-8 text file")
+    text = read_text_file(path)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return np.asarray(ids, dtype=np.int64), str(path)
+
+
+def read_text_file(path: Path) -> str:
+    """A text file's contents, refusing what is not UTF-8 text instead of tokenizing replacement characters."""
+    data = path.read_bytes()
+    fix = "pass a UTF-8 text file"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise QGraphError(f"text file {str(path)!r} is UTF-16, not UTF-8",
+                          f"convert it (iconv -f utf-16 -t utf-8 {path.name} > {path.stem}.utf8.txt)")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise QGraphError(f"text file {str(path)!r} is binary (a NUL byte at offset {nul}), not text", fix)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise QGraphError(
+            f"text file {str(path)!r} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            f"convert it to UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt",
+        ) from None
+    if not text.strip():
+        raise QGraphError(f"text file {str(path)!r} is empty", "pass a UTF-8 text file with enough text for the windows")
+    return text
 
 
 def _windows(ids: np.ndarray, text: str, start: int, count: int, ctx: int, what: str, option: str) -> TokenWindows:

@@ -46,8 +46,9 @@ def layer_sqnr(float_model: ir.Model, quant_model: ir.Model, layers: list[str], 
             y64 = y.astype(np.float64)
             signal[n] += float(np.square(y64).sum())
             noise[n] += float(np.square(y64 - q).sum())
+    # A layer whose float output is all zero (a zeroed weight, a dead input) has no signal to lose: no SQNR.
     return {n: (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else float("inf"))
-            for n in names if not math.isnan(noise[n])}
+            for n in names if not math.isnan(noise[n]) and signal[n] > 0}
 
 
 def write_report_md(path, report: dict, sqnr: dict[str, float], plot_name: str | None) -> None:

@@ -140,6 +140,12 @@ def load_onnx(path: Path) -> CapturedModel:
         # the graph no longer points at files (in-memory sessions need that).
         model = ir.external_data.load_to_model(model)
     except Exception as exc:  # onnx/protobuf raise many types for a damaged file
+        from qgraph.ir.checks import external_data_problem
+
+        problem = external_data_problem(path)
+        if problem:
+            raise QGraphError(f"cannot read ONNX file {str(path)!r}: {problem}",
+                              "put the complete .data file beside the .onnx file, or re-export the model") from None
         first_line = str(exc).splitlines()[0][:200] if str(exc) else "corrupt or truncated"
         raise QGraphError(
             f"cannot read ONNX file {str(path)!r}: {type(exc).__name__}: {first_line}",
@@ -149,7 +155,11 @@ def load_onnx(path: Path) -> CapturedModel:
     tokenizer = None
     manifest_path = path.parent / MANIFEST
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise QGraphError(f"{str(manifest_path)!r} beside the model is not valid JSON ({exc.msg})",
+                              "recompile the artifact, or move the .onnx file out of that directory") from None
         source = dict(manifest.get("source", {}), onnx=str(path))
         tokenizer = load_tokenizer(path.parent)
     return CapturedModel(model, tokenizer, source)

@@ -49,7 +49,8 @@ class Norm:
 
 
 def _const(value: ir.Value | None) -> ir.TensorProtocol | None:
-    return None if value is None else value.const_value
+    # An initializer that is also a graph input is only a default: the caller may feed another value.
+    return None if value is None or value.is_graph_input() else value.const_value
 
 
 def _weight_of(node: ir.Node) -> tuple[ir.Value, bool] | None:

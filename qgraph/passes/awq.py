@@ -23,6 +23,8 @@ class AWQPass(SmoothQuantPass):
     def scales(self, act_max: np.ndarray, act_mean: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
         live = act_mean > 0
         s = np.ones_like(act_mean)
+        if not live.any():  # a region whose input is all zero: nothing to protect
+            return s
         s[live] = act_mean[live] ** alpha
         s[live] /= np.exp(np.log(s[live]).mean())  # geometric mean 1: only the relative scale matters
         return np.clip(s, 1e-4, 1e4)

@@ -249,7 +249,7 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
         return name_or_path
     text = str(name_or_path)
     path = Path(text)
-    if not (path.suffix in (".yaml", ".yml") or path.exists()):
+    if not (path.suffix in (".yaml", ".yml") or path.is_file()):
         path = RECIPE_DIR / f"{text}.yaml"
         if not path.exists():
             raise QGraphError(f"unknown recipe {text!r}", f"use one of {', '.join(available())} or a path to a .yaml file")
