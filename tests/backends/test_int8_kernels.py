@@ -145,3 +145,12 @@ def test_report_and_inspect_name_the_int8_gemm(tmp_path, llama_captured, kernel)
     shown = CliRunner().invoke(app, ["inspect", str(out)])
     assert shown.exit_code == 0, shown.output
     assert f"int8 GEMMs: 14 x {kernel}" in shown.output and "host: " in shown.output
+
+
+def test_cli_refuses_an_unknown_int8_kernel_before_any_work(tmp_path):
+    from tests.test_cli import assert_user_error
+    from tests.test_cli import qgraph as cli
+
+    assert_user_error(cli("compile", "--int8-kernel", "vnni", "-o", tmp_path / "x"),
+                      "--int8-kernel: unknown int8 kernel 'vnni'", "use one of u8u8, s7, u8s8")
+    assert not (tmp_path / "x").exists()
