@@ -36,7 +36,9 @@ class FoldNormAffinePass(ir.passes.InPlacePass):
             gamma = source.gamma.const_value.numpy().astype(np.float64)
             has_beta = source.beta is not None and bool(np.any(source.beta.const_value.numpy() != 0))
             reason = None
-            if np.any(gamma == 0):
+            if np.all(gamma == 1) and not has_beta:  # folded already (or never trained): s = 1 changes nothing
+                reason = "gamma is 1 and beta 0 already: nothing to fold"
+            elif np.any(gamma == 0):
                 reason = "gamma has zero entries: the channel is dead and the fold would divide by zero"
             elif has_beta and shift_refusal(region):
                 reason = f"LayerNorm beta cannot move into the sink biases: {shift_refusal(region)}"

@@ -84,3 +84,17 @@ def test_post_norm_encoder_layernorms_are_left_alone():
     reasons = {r["candidate"]: r["reason"] for r in p.refused}
     assert len(reasons) == 5 and "residual stream (post-norm)" in reasons["encoder.layer.0.attention.output.LayerNorm"]
     assert "graph output" in reasons["encoder.layer.1.output.LayerNorm"]
+
+
+def test_a_folded_norm_is_left_alone_and_the_report_says_why():
+    """Regression (property test): gamma = 1 without beta was 'folded' again: modified=True, nothing changed."""
+    from tests.properties.checks import fingerprint
+    from tests.properties.graphs import Block, GraphSpec, build
+
+    spec = GraphSpec(vocab=11, dim=3, seq=None, gemm=False, blocks=(Block("attention", "rmsnorm", False, False, False, False),),
+                     final_norm="none", head="untied", gamma="ones_shared", dead="none", seed=0)
+    model = build(spec)
+    before = fingerprint(model)
+    p = FoldNormAffinePass()
+    assert not p(model).modified and fingerprint(model) == before and p.folded == []
+    assert [r["reason"] for r in p.refused] == ["gamma is 1 and beta 0 already: nothing to fold"]

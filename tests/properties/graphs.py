@@ -301,3 +301,60 @@ def _kill_channel(model: ir.Model, how: str) -> None:
 def build(spec: GraphSpec) -> ir.Model:
     """The onnx_ir Model a spec describes; its input is token ids [1, T], its first output float."""
     return _Builder(spec).build()
+
+
+# ---- exported transformers decoders: the real exporter's output, at seconds per example ---------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigSpec:
+    """A tiny Llama / Mistral / Qwen2 (q/k/v biases) decoder: GQA, odd hidden sizes, tied or not."""
+
+    family: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int  # even: rotate_half splits it in two
+    intermediate: int
+    layers: int
+    tie: bool
+    vocab: int
+    seq: int
+    seed: int
+
+
+@st.composite
+def config_specs(draw) -> ConfigSpec:
+    kv = draw(st.integers(1, 3))
+    heads = kv * draw(st.integers(1, 3))
+    return ConfigSpec(  # transformers wants hidden % heads == 0; head_dim is free (Qwen3-style) and may differ
+        family=draw(st.sampled_from(("llama", "mistral", "qwen2"))), hidden=heads * draw(st.integers(1, 7)),
+        heads=heads, kv_heads=kv, head_dim=2 * draw(st.integers(1, 4)),
+        intermediate=draw(st.integers(3, 50)), layers=draw(st.integers(1, 2)), tie=draw(st.booleans()),
+        vocab=draw(st.integers(11, 97)), seq=draw(st.integers(3, 12)), seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def export_config(spec: ConfigSpec) -> ir.Model:
+    """Export the decoder a ConfigSpec describes (static length spec.seq), norms and biases made non-trivial."""
+    import torch
+    import transformers
+
+    import qgraph
+    from qgraph.ir.capture import CausalLMLogits
+
+    names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[spec.family]
+    config = getattr(transformers, f"{names}Config")(
+        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        head_dim=spec.head_dim, max_position_embeddings=64, tie_word_embeddings=spec.tie, use_cache=False,
+        sliding_window=None,
+    )
+    torch.manual_seed(spec.seed)
+    module = getattr(transformers, f"{names}ForCausalLM")(config).eval()
+    with torch.no_grad():  # random-init norms are all ones and biases zero: give them values to fold
+        for name, p in module.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape))
+    ids = (torch.arange(spec.seq).reshape(1, spec.seq) * 7) % spec.vocab
+    return qgraph.load(CausalLMLogits(module), example_inputs=(ids,), progress=False).model

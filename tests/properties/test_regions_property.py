@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 
+from qgraph.ir.regions import find_linears
 from tests.properties.checks import check_regions
 from tests.properties.graphs import build, graph_specs
 
@@ -13,7 +14,10 @@ EXAMPLES = 150  # milliseconds each
 @settings(max_examples=EXAMPLES)
 @given(graph_specs())
 def test_region_finder_never_raises(spec):
-    regions, rejected = check_regions(build(spec))
-    # Every constant-weight linear or norm is a region source or rejected with a reason; none vanishes.
+    model = build(spec)
+    regions, rejected = check_regions(model)
+    # Every constant-weight linear is a candidate source: it heads a region or is rejected with a reason.
     sources = {s.name for r in regions for s in r.sources}
-    assert sources.isdisjoint(r.candidate for r in rejected)
+    refused = {r.candidate for r in rejected}
+    assert sources.isdisjoint(refused)
+    assert {layer.name for layer in find_linears(model)} <= sources | refused
