@@ -157,8 +157,8 @@ _STRUCTURAL = {
 }
 
 
-def load_and_find(path: Path) -> str:
-    """Load an .onnx file with qgraph.load and run the recognisers on it; 'ok' or 'refused' (a QGraphError).
+def load_and_find(path: Path) -> tuple[str, str]:
+    """Load an .onnx file with qgraph.load and run the recognisers on it: ('ok', '') or ('refused', the QGraphError).
 
     Any other exception propagates: that is the bug the fuzz target looks for.
     """
@@ -167,6 +167,6 @@ def load_and_find(path: Path) -> str:
     try:
         captured = qgraph.load(path, progress=False)
         check_regions(captured.model)
-    except QGraphError:
-        return "refused"
-    return "ok"
+    except QGraphError as exc:
+        return "refused", str(exc)
+    return "ok", ""
