@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.ir.rewrite import add_initializer
+from qgraph.ir.validate import check_nodes, constant_array
 
 Role = Literal["block", "lm_head"]
 _BLOCK_NAME = re.compile(r"(^|\.)(layers|layer|h|blocks|block)\.\d+\.")
@@ -53,15 +54,22 @@ def _const(value: ir.Value | None) -> ir.TensorProtocol | None:
     return None if value is None or value.is_graph_input() else value.const_value
 
 
+def _matrix(value: ir.Value | None) -> bool:
+    """A constant 2-D weight whose declared shape is its data's (a damaged file may say otherwise)."""
+    c = _const(value)
+    dims = list(value.shape or ()) if c is not None else []
+    return len(dims) == 2 and all(isinstance(d, int) for d in dims) and dims == list(c.shape)
+
+
 def _weight_of(node: ir.Node) -> tuple[ir.Value, bool] | None:
     if node.op_type == "MatMul" and len(node.inputs[1].shape or ()) == 2:
-        if _const(node.inputs[1]) is not None:
+        if _matrix(node.inputs[1]):
             return node.inputs[1], False
         # A tied weight read as MatMul(x, Transpose(table)), e.g. lm_head sharing the embedding.
         t = _producer(node.inputs[1], "Transpose")
-        if t is not None and _const(t.inputs[0]) is not None and list(t.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+        if t is not None and _matrix(t.inputs[0]) and list(t.attributes.get_ints("perm", [1, 0])) == [1, 0]:
             return t.inputs[0], True
-    if node.op_type == "Gemm" and _const(node.inputs[1]) is not None:
+    if node.op_type == "Gemm" and _matrix(node.inputs[1]):
         return node.inputs[1], bool(node.attributes.get_int("transB", 0))
     return None
 
@@ -99,6 +107,11 @@ def find_linears(model: ir.Model) -> list[LinearLayer]:
     Activation x activation MatMuls (attention scores, Softmax x V) have no constant weight
     and are never listed.
     """
+    check_nodes(model)
+    return _linears(model)
+
+
+def _linears(model: ir.Model) -> list[LinearLayer]:
     graph = model.graph
     vocab = _embedding_rows(graph)
     layers: list[LinearLayer] = []
@@ -145,6 +158,11 @@ def _match_rms_core(value: ir.Value) -> bool:
 
 def find_norms(model: ir.Model) -> list[Norm]:
     """RMSNorms (decomposed Pow..Mul(gamma)) and LayerNormalization nodes, in graph order."""
+    check_nodes(model)
+    return _norms(model)
+
+
+def _norms(model: ir.Model) -> list[Norm]:
     norms: list[Norm] = []
     for node in model.graph:
         if node.op_type == "LayerNormalization":
@@ -164,6 +182,7 @@ def find_norms(model: ir.Model) -> list[Norm]:
 
 def find_embeddings(model: ir.Model) -> list[tuple[str, ir.Node]]:
     """Gather nodes that look up rows of a constant table."""
+    check_nodes(model)
     return [
         (_strip_param(n.inputs[0].name), n)
         for n in model.graph
@@ -178,7 +197,7 @@ def _strip_param(name: str) -> str:
 
 def weight_array(layer: LinearLayer) -> np.ndarray:
     """The layer's weight as a float32 [in, out] array."""
-    w = layer.weight.const_value.numpy().astype(np.float32)
+    w = constant_array(layer.weight).astype(np.float32)
     return w.T if layer.transposed else w
 
 
@@ -285,13 +304,14 @@ def find_regions(model: ir.Model) -> tuple[list[Region], list[Rejection]]:
     Candidates, in graph order: norms (RMSNorm's Mul(gamma), LayerNormalization), constant-weight
     linears (with a bias Add right after, if any), and Muls by a constant per-channel vector.
     """
+    check_nodes(model)
     graph = model.graph
-    layers = find_linears(model)
+    layers = _linears(model)
     ctx = _Context({id(l.node): l for l in layers}, {})
     for layer in layers:  # a gate is recognised by its output, with or without the bias Add
         ctx.linear_outputs[id(layer.node.outputs[0])] = layer
         ctx.linear_outputs[id(_bias_after(layer)[0])] = layer
-    norms = find_norms(model)
+    norms = _norms(model)
     norm_names = [n.name for n in norms]
     norms_by_node = {id(n.output_node): n for n in norms}
     regions: list[Region] = []
@@ -334,6 +354,8 @@ def _norm_region(norm: Norm, name: str, ctx: _Context) -> Region:
         raise _Reject("the norm has no constant scale (gamma) to absorb the transform")
     if norm.beta is not None and norm.beta.const_value is None:
         raise _Reject(f"the norm bias {norm.beta.name} is not constant")
+    if not isinstance((list(norm.gamma.shape or ()) or [None])[-1], int):
+        raise _Reject(f"the norm scale {norm.gamma.name} is not a per-channel vector")
     channels = int(norm.gamma.shape[-1])
     walk = _follow(node.outputs[0], channels, ctx, "the norm output")
     source = Source(norm.kind, node, name, gamma=norm.gamma, beta=norm.beta)
@@ -459,8 +481,7 @@ def _softmax_rows(value: ir.Value) -> bool:
     node = value.producer()
     while node is not None and node.op_type in ("Where", "Dropout", "Identity", "Cast"):
         if node.op_type == "Where":  # SDPA's guard for fully masked rows: Where(IsNaN(p), 0, p)
-            zero = node.inputs[1].const_value
-            if zero is None or np.any(zero.numpy() != 0):
+            if node.inputs[1].const_value is None or np.any(constant_array(node.inputs[1]) != 0):
                 return False
         node = node.inputs[-1 if node.op_type == "Where" else 0].producer()
     return (node is not None and node.op_type == "Softmax"
@@ -550,7 +571,10 @@ def _through(
         return _through_matmul(node, index, idx, start, walk, name)
     if op in ("Shape", "Size"):  # reads the dims only, which a channel-wise scale or shift leaves alone
         return []
-    moved = _move(node, value, idx, ctx, name)
+    try:
+        moved = _move(node, value, idx, ctx, name)
+    except (ValueError, IndexError):  # numpy's verdict on a perm / axes / target that does not fit the tensor
+        raise _Reject(f"cannot follow the channel axis through {name}: its axes or shapes do not fit its input") from None
     if moved is not None:
         walk.path.append(node)
         return [(node.outputs[0], moved)]
@@ -690,7 +714,7 @@ def _reshape(node: ir.Node, value: ir.Value, idx: np.ndarray, ctx: _Context, nam
     dims = _concrete_dims(value, ctx, name)
     target = node.inputs[1].const_value
     if target is not None:
-        shape = [int(d) for d in target.numpy().reshape(-1)]
+        shape = [int(d) for d in constant_array(node.inputs[1]).reshape(-1)]
         if not node.attributes.get_int("allowzero", 0):
             shape = [dims[i] if d == 0 else d for i, d in enumerate(shape)]
     else:
@@ -710,7 +734,7 @@ def _squeeze(node: ir.Node, value: ir.Value, idx: np.ndarray, ctx: _Context, nam
 
 def _axes(node: ir.Node) -> list[int]:
     if len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].const_value is not None:
-        return [int(a) for a in node.inputs[1].const_value.numpy().reshape(-1)]
+        return [int(a) for a in constant_array(node.inputs[1]).reshape(-1)]
     return list(node.attributes.get_ints("axes", []))
 
 

@@ -80,23 +80,33 @@ class WeightClipSearchPass(ir.passes.InPlacePass):
         self.windows, self.spec, self.ratios = windows, spec, tuple(ratios)
         self.sample_tokens, self.progress = sample_tokens, progress
         self.mean_ratio: dict[str, float] = {}
+        self.clipped: list[str] = []  # the layers whose weights changed
+        self.reason: str | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from qgraph.progress import track
 
         layers = [layer for layer in find_linears(model) if layer.role == "block"]
+        if not layers:
+            self.reason = "the graph has no block linear (MatMul/Gemm with a constant weight)"
+            return ir.passes.PassResult(model, modified=False)
         names = list(dict.fromkeys(layer.activation.name for layer in layers))
         stats = collect_stats(model, names, self.windows, progress=self.progress, sample_tokens=self.sample_tokens)
         for layer in track(layers, "clip search", total=len(layers), enabled=self.progress):
             x = stats[layer.activation.name].sample_rows
-            w, ratio = clip_weight(weight_array(layer), x, self.spec, self.ratios)
-            set_linear_weight(model.graph, layer, w)
-            self.mean_ratio[layer.name] = ratio
-        return ir.passes.PassResult(model, modified=bool(layers))
+            w0 = weight_array(layer)
+            w, self.mean_ratio[layer.name] = clip_weight(w0, x, self.spec, self.ratios)
+            if not np.array_equal(w, w0):  # else every group kept its full range: nothing to rewrite
+                set_linear_weight(model.graph, layer, w)
+                self.clipped.append(layer.name)
+        if not self.clipped:
+            self.reason = f"no weight group of the {len(layers)} block linears quantizes with less output error clipped"
+        return ir.passes.PassResult(model, modified=bool(self.clipped))
 
     def summary(self) -> dict:
         r = list(self.mean_ratio.values())
-        return {"layers": len(r), "mean_clip_ratio": float(np.mean(r)) if r else None}
+        return {"layers": len(r), "clipped": len(self.clipped), "mean_clip_ratio": float(np.mean(r)) if r else None,
+                **({"reason": self.reason} if self.reason else {})}
 
 
 @dataclasses.dataclass(frozen=True)

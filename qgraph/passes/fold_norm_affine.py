@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ir.regions import find_regions, shift_refusal
+from qgraph.ir.regions import find_norms, find_regions, shift_refusal
 from qgraph.ir.rewrite import scale_region, shift_region
 from qgraph.options import NoOptions
 from qgraph.passes.registry import PassContext, register
@@ -29,7 +29,8 @@ class FoldNormAffinePass(ir.passes.InPlacePass):
         self.refused: list[dict] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        regions, _ = find_regions(model)
+        regions, rejected = find_regions(model)
+        self._refuse_non_sources(model, regions, rejected)
         for region in regions:
             if region.kind != "norm->linears":
                 continue
@@ -37,7 +38,9 @@ class FoldNormAffinePass(ir.passes.InPlacePass):
             gamma = source.gamma.const_value.numpy().astype(np.float64)
             has_beta = source.beta is not None and bool(np.any(source.beta.const_value.numpy() != 0))
             reason = None
-            if np.any(gamma == 0):
+            if np.all(gamma == 1) and not has_beta:  # folded already (or never trained): s = 1 changes nothing
+                reason = "gamma is 1 and beta 0 already: nothing to fold"
+            elif np.any(gamma == 0):
                 reason = "gamma has zero entries: the channel is dead and the fold would divide by zero"
             elif has_beta and shift_refusal(region):
                 reason = f"LayerNorm beta cannot move into the sink biases: {shift_refusal(region)}"
@@ -49,6 +52,20 @@ class FoldNormAffinePass(ir.passes.InPlacePass):
             scale_region(model.graph, region, gamma)  # sources / gamma -> gamma = 1; sink rows * gamma
             self.folded.append(region.name)
         return ir.passes.PassResult(model, modified=bool(self.folded))
+
+    def _refuse_non_sources(self, model: ir.Model, regions: list, rejected: list) -> None:
+        """Say why each norm that is no region source is left alone: the region finder's reason."""
+        norms = find_norms(model)
+        if not norms:
+            self.refused.append({"candidate": "graph", "reason": "the graph has no RMSNorm or LayerNormalization"})
+        sources = {id(r.sources[0].node) for r in regions if r.kind == "norm->linears"}
+        reasons = {r.candidate: r.reason for r in rejected}
+        for norm in norms:
+            if id(norm.output_node) in sources:
+                continue
+            # find_regions names a norm by its gamma, or by kind and node when a deduplicated gamma is shared.
+            name = norm.name if norm.name in reasons else f"{norm.kind} {norm.output_node.name}"
+            self.refused.append({"candidate": name, "reason": reasons.get(name, "not a norm -> linears region")})
 
     def summary(self) -> dict:
         return {"folded": len(self.folded), "refused": self.refused}

@@ -127,11 +127,16 @@ class ErrorFeedbackRoundingPass(ir.passes.InPlacePass):
             raise ValueError("gptq needs per-channel or per-group weight scales (per tensor would mix linears)")
         self.windows, self.spec, self.damp, self.act_order, self.progress = windows, spec, damp, act_order, progress
         self.error_ratio: dict[str, float] = {}
+        self.rounded: list[str] = []  # the layers whose weights changed
+        self.reason: str | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         from qgraph.progress import track
 
         layers = [layer for layer in find_linears(model) if layer.role == "block"]
+        if not layers:
+            self.reason = "the graph has no block linear (MatMul/Gemm with a constant weight)"
+            return ir.passes.PassResult(model, modified=False)
         by_input: dict[str, list] = {}
         for layer in layers:
             by_input.setdefault(layer.activation.name, []).append(layer)
@@ -149,12 +154,18 @@ class ErrorFeedbackRoundingPass(ir.passes.InPlacePass):
                 start += w.shape[1]
                 plain = fake_quantize(w, self.spec)
                 self.error_ratio[layer.name] = output_error(w, q, gram) / max(output_error(w, plain, gram), 1e-30)
-                set_linear_weight(model.graph, layer, np.ascontiguousarray(q))
-        return ir.passes.PassResult(model, modified=bool(layers))
+                if not np.array_equal(q, w):  # else the weights sat on the grid already (rounded before)
+                    set_linear_weight(model.graph, layer, np.ascontiguousarray(q))
+                    self.rounded.append(layer.name)
+        if not self.rounded:
+            self.reason = f"the weights of all {len(layers)} block linears are on the grid already"
+        return ir.passes.PassResult(model, modified=bool(self.rounded))
 
     def summary(self) -> dict:
         r = list(self.error_ratio.values())
-        return {"layers": len(r), "output_error_vs_round_to_nearest": float(np.mean(r)) if r else None}
+        return {"layers": len(r), "rounded": len(self.rounded),
+                "output_error_vs_round_to_nearest": float(np.mean(r)) if r else None,
+                **({"reason": self.reason} if self.reason else {})}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ from qgraph.ir.rewrite import scale_region
 from qgraph.options import option
 from qgraph.passes.registry import PassContext, register
 from qgraph.passes.shift import centre_region
-from qgraph.passes.split_channels import split_channels
+from qgraph.passes.split_channels import split_channels, split_refusal
 
 
 def centred_grid(spec) -> tuple[float, float]:
@@ -145,6 +145,10 @@ class QuantStepMigrationPass(ir.passes.InPlacePass):
         limit = self.split_threshold * float(np.median(absmax[absmax > 0]))
         copies = {int(c): min(self.max_copies, int(np.ceil(absmax[c] / limit))) for c in np.flatnonzero(absmax > limit)}
         if not copies:
+            return region, absmax, []
+        reason = split_refusal(region)
+        if reason:  # migrate unsplit: the steps still fold exactly, only the outliers keep their range
+            self.refused.append({"candidate": region.name, "reason": f"{len(copies)} outlier channels not split: {reason}"})
             return region, absmax, []
         wide = split_channels(graph, region, copies)
         extra = [c for c in sorted(copies) for _ in range(copies[c] - 1)]

@@ -85,7 +85,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         self.activation_spec = None if self.weight_only else activation_spec or QuantSpec("int8", "tensor")
         self.sample_tokens = sample_tokens
         self.progress = progress
-        self.chosen: dict[str, dict] = {}
+        self.chosen: dict[str, dict] = {}  # every region's search result
+        self.scaled: list[str] = []  # the regions whose scales are not all 1
         self.refused: list[dict] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -96,10 +97,15 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         for region in track(regions, self.label, total=len(regions), enabled=self.progress):
             s, alpha, err = self._choose(region, stats[region.input.name])
-            scale_region(model.graph, region, s)
             self.chosen[region.name] = {"alpha": alpha, "relative_error": err, "max_scale": float(s.max()),
                                         "min_scale": float(s.min())}
-        return ir.passes.PassResult(model, modified=True)
+            if np.all(s == 1.0):  # AWQ's alpha = 0, or only dead channels: scaling by 1 would change nothing
+                self.refused.append({"candidate": region.name,
+                                     "reason": f"the best strength (alpha {alpha}) scales every channel by 1"})
+                continue
+            scale_region(model.graph, region, s)
+            self.scaled.append(region.name)
+        return ir.passes.PassResult(model, modified=bool(self.scaled))
 
     def _choose(self, region: Region, stats: ChannelStats) -> tuple[np.ndarray, float, float]:
         idx = region.sink_index
@@ -127,7 +133,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     def summary(self) -> dict:
         alphas = [c["alpha"] for c in self.chosen.values()]
         return {
-            "regions_smoothed": len(self.chosen),
+            "regions_smoothed": len(self.scaled),
             "alpha_mean": float(np.mean(alphas)) if alphas else None,
             "regions": self.chosen,
             "refused": self.refused,

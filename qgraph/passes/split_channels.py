@@ -15,7 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.errors import QGraphError
-from qgraph.ir.regions import Region, weight_array
+from qgraph.ir.regions import Region, linear_bias, weight_array
 from qgraph.ir.rewrite import set_linear_weight
 
 
@@ -34,14 +34,24 @@ def _values_between(start: list[ir.Value], stop: ir.Node) -> list[ir.Value]:
     return list(seen.values())
 
 
+def split_refusal(region: Region) -> str | None:
+    """Why split_channels cannot widen the region, or None when it can."""
+    if region.kind != "up->down" or len(region.sources) != 1 or len(region.sinks) != 1:
+        return "split_channels handles a gated MLP (one up -> one down) only"
+    source = region.sources[0]
+    # A bias (an Add after the linear, or Gemm's C) would need its entries duplicated too.
+    biased = [layer.name for layer in (source.gate, source.linear) if linear_bias(layer)[0] is not None]
+    if biased:
+        return f"gate/up with biases ({', '.join(biased)}) cannot be split yet"
+    return None
+
+
 def split_channels(graph: ir.Graph, region: Region, copies: dict[int, int]) -> Region:
     """Split channel c of an up->down region into copies[c] exact parts; returns the widened region."""
-    if region.kind != "up->down" or len(region.sources) != 1 or len(region.sinks) != 1:
-        raise QGraphError(f"region {region.name}: split_channels handles a gated MLP (up -> down) only",
-                          "use it on up->down regions")
+    reason = split_refusal(region)
+    if reason:
+        raise QGraphError(f"region {region.name}: {reason}", "check split_refusal(region) first, or skip the split")
     source, sink = region.sources[0], region.sinks[0]
-    if source.bias is not None or any(_has_bias(layer) for layer in (source.gate, source.linear)):
-        raise QGraphError(f"region {region.name}: gate/up with biases cannot be split yet", "skip split_channels here")
     order = sorted(c for c, k in copies.items() if k > 1)
     if not order:
         return region
@@ -64,8 +74,3 @@ def split_channels(graph: ir.Graph, region: Region, copies: dict[int, int]) -> R
         v.shape = None
     return dataclasses.replace(region, channels=width, sink_index=np.arange(width, dtype=np.int64))
 
-
-def _has_bias(layer) -> bool:
-    users = [u for u, _ in layer.node.outputs[0].uses()]
-    return len(users) == 1 and users[0].op_type == "Add" and any(
-        i is not None and i.const_value is not None for i in users[0].inputs)

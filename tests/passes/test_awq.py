@@ -63,3 +63,38 @@ def test_clip_search_never_increases_the_layer_error():
     sym_clipped, _ = clip_weight(w, x, symmetric)
     sym_err = lambda v: float(np.square(x @ w - x @ fake_quantize(v, symmetric)).sum())  # noqa: E731
     assert sym_err(sym_clipped) < sym_err(w)
+
+
+def _small_graph():
+    from tests.properties.checks import windows_for
+    from tests.properties.graphs import Block, GraphSpec, build
+
+    spec = GraphSpec(vocab=11, dim=3, seq=6, gemm=False, blocks=(Block("attention", "rmsnorm", False, False, False, False),),
+                     final_norm="rmsnorm", head="untied", gamma="random", dead="none", seed=0)
+    model = build(spec)
+    return model, windows_for(model, spec.length)
+
+
+def test_clip_search_that_clips_nothing_says_so():
+    """Regression (property test, this graph): clip search kept every range yet said modified=True."""
+    from qgraph.passes.clip_search import WeightClipSearchPass
+    from tests.properties.checks import fingerprint
+
+    model, windows = _small_graph()
+    before = fingerprint(model)
+    p = WeightClipSearchPass(windows, QuantSpec("int4", "block", axis=0, block_size=128, symmetric=False), progress=False)
+    assert not p(model).modified and fingerprint(model) == before
+    assert p.summary()["clipped"] == 0 and "less output error clipped" in p.summary()["reason"]
+
+
+def test_awq_strength_zero_leaves_the_graph_alone_and_says_why():
+    """Regression (property test): alpha = 0 gives s = 1 everywhere; AWQ said modified=True for that."""
+    from tests.properties.checks import fingerprint
+
+    model, windows = _small_graph()
+    before = fingerprint(model)
+    p = AWQPass(windows, alpha=0.0, weight_spec=SPEC, progress=False)
+    assert not p(model).modified and fingerprint(model) == before
+    assert p.summary()["regions_smoothed"] == 0 and len(p.chosen) == 3
+    unscaled = [r for r in p.refused if "scales every channel by 1" in r["reason"]]
+    assert {r["candidate"] for r in unscaled} == set(p.chosen)

@@ -23,7 +23,9 @@ def test_fold_sets_gamma_to_one_and_preserves_outputs(llama_captured):
     p = FoldNormAffinePass()
     result, verdict = check_pass(p, model, verification_inputs(256, length=16))
     assert result.modified and verdict.relative_error < 1e-5
-    assert len(p.folded) == 4 and p.refused == []
+    assert len(p.folded) == 4
+    # The final norm feeds the tied lm_head: it is left alone, and the report says why.
+    assert len(p.refused) == 1 and "lm_head" in p.refused[0]["reason"] and "tied" in p.refused[0]["reason"]
     folded = {r.sources[0].node.name for r in find_regions(model)[0] if r.kind == "norm->linears"}
     checked = [n for n in find_norms(model) if n.output_node.name in folded]
     assert len(checked) == 4
@@ -78,3 +80,21 @@ def test_post_norm_encoder_layernorms_are_left_alone():
     p = FoldNormAffinePass()
     result, verdict = check_pass(p, model, verification_inputs(200, length=12))
     assert not result.modified and p.folded == [] and verdict.relative_error == 0.0
+    # Regression (property test): it said nothing; now each LayerNorm carries the region finder's reason.
+    reasons = {r["candidate"]: r["reason"] for r in p.refused}
+    assert len(reasons) == 5 and "residual stream (post-norm)" in reasons["encoder.layer.0.attention.output.LayerNorm"]
+    assert "graph output" in reasons["encoder.layer.1.output.LayerNorm"]
+
+
+def test_a_folded_norm_is_left_alone_and_the_report_says_why():
+    """Regression (property test): gamma = 1 without beta was 'folded' again: modified=True, nothing changed."""
+    from tests.properties.checks import fingerprint
+    from tests.properties.graphs import Block, GraphSpec, build
+
+    spec = GraphSpec(vocab=11, dim=3, seq=None, gemm=False, blocks=(Block("attention", "rmsnorm", False, False, False, False),),
+                     final_norm="none", head="untied", gamma="ones_shared", dead="none", seed=0)
+    model = build(spec)
+    before = fingerprint(model)
+    p = FoldNormAffinePass()
+    assert not p(model).modified and fingerprint(model) == before and p.folded == []
+    assert [r["reason"] for r in p.refused] == ["gamma is 1 and beta 0 already: nothing to fold"]

@@ -126,3 +126,19 @@ def test_recipe_refuses_gptq_on_per_tensor_weights(llama_captured):
     recipe = dataclasses.replace(recipe, blocks=rules, passes=(("gptq", {}),))
     with pytest.raises(qgraph.errors.QGraphError, match="per-channel or per-group"):
         qgraph.compile(llama_captured, recipe, calib=_windows(), progress=False)
+
+
+def test_second_rounding_leaves_the_graph_alone_and_says_why():
+    """Regression (property test): a second GPTQ run said modified=True though its weights were on the grid."""
+    from tests.properties.checks import fingerprint, windows_for
+    from tests.properties.graphs import Block, GraphSpec, build
+
+    spec = GraphSpec(vocab=11, dim=3, seq=6, gemm=False, blocks=(Block("attention", "rmsnorm", False, False, False, False),),
+                     final_norm="rmsnorm", head="untied", gamma="random", dead="none", seed=0)
+    model = build(spec)
+    windows = windows_for(model, spec.length)
+    assert ErrorFeedbackRoundingPass(windows, SPECS[0], progress=False)(model).modified
+    before = fingerprint(model)
+    again = ErrorFeedbackRoundingPass(windows, SPECS[0], progress=False)
+    assert not again(model).modified and fingerprint(model) == before
+    assert again.summary()["rounded"] == 0 and "on the grid already" in again.summary()["reason"]

@@ -102,3 +102,25 @@ def test_qsm_clip_search_is_exact_in_float_and_keeps_the_node_count(llama_captur
     assert verdict.relative_error < 1e-5 and sum(1 for _ in model.graph) == nodes_before
     s = p.summary()
     assert s["regions_migrated"] == 8 and 0.5 <= min(m["mean_clip"] for m in s["regions"].values()) <= 1.0
+
+
+def test_qsm_migrates_a_gated_mlp_with_biases_without_splitting_it():
+    """Regression (property test): split_channels raised QGraphError on gate/up biases, so QSM failed the compile."""
+    from tests.properties.checks import windows_for
+    from tests.properties.graphs import Block, GraphSpec, build
+
+    spec = GraphSpec(vocab=23, dim=8, seq=9, gemm=False, head="untied", gamma="random", dead="none", seed=3,
+                     blocks=(Block("gated_mlp", "rmsnorm", False, True, True, False, width=12, act="silu"),),
+                     final_norm="rmsnorm")
+    model = build(spec)
+    region = next(r for r in find_regions(model)[0] if r.kind == "up->down")
+    s = np.ones(region.channels)
+    s[[2, 7]] = 1 / 50.0  # two outlier channels, as in _with_mlp_outliers
+    scale_region(model.graph, region, s)
+    windows = windows_for(model, spec.length)
+    p = QuantStepMigrationPass(windows, progress=False)
+    result, verdict = check_pass(p, model, verification_inputs(23, windows.ids[:1], length=spec.length))
+    assert result.modified and verdict.ok
+    assert p.migrated[region.name]["split"] == 0
+    reasons = {r["candidate"]: r["reason"] for r in p.refused}
+    assert "2 outlier channels not split: gate/up with biases" in reasons[region.name]
