@@ -281,7 +281,7 @@ def test_unknown_op_domain_is_refused(run, tmp_path):
                                          ("loop", ["body of Loop 'repeat'"])])
 def test_control_flow_compiles_with_bodies_left_in_float(tmp_path, kind, bodies, recipe, bound):
     source, artifact, report = compile_graph(tmp_path, kind, recipe)
-    assert [p["pass"] for p in report["passes"]][0] == "annotate_linears" and report["quantized_layers"] == 1
+    assert report["quantized_layers"] == 1  # layers.0.fc1; lm_head stays float
     reasons = " ".join(n["reason"] for n in report["not_quantized"])
     for body in bodies:
         assert f"inside the {body}: qgraph quantizes linears of the main graph only" in reasons
