@@ -75,8 +75,8 @@ def main() -> None:
             test = seed(args.seed)(test)
         test()
         print(f"{label}: ok in {time.perf_counter() - t:.1f} s")
-    print("blocks drawn:", dict(blocks))
-    print("regions found:", dict(kinds))
+    print("region finder run, blocks drawn:", dict(blocks))
+    print("region finder run, regions found:", dict(kinds))
     width = max((len(k) for k in passes), default=10)
     print(f"{'pass':<{width}}  changed  left alone  max rel. error")
     for key, counts in passes.items():
