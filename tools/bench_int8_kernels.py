@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from qgraph.backends.int8_kernels import KERNELS, host_verdict  # noqa: E402
 from qgraph.backends.onnx_qdq import LowerToOnnxPass, session_from_file  # noqa: E402
-from qgraph.eval.bench import time_forward  # noqa: E402
+from qgraph.eval.bench import round_robin  # noqa: E402
 from qgraph.eval.host import cpu_info, describe_host  # noqa: E402
 
 
@@ -93,21 +92,8 @@ def main() -> None:
     for name, row in rows.items():
         sess = session_from_file(row["dir"] / "model.onnx", threads=args.threads)
         sessions[name] = lambda ids, s=sess: s.run(None, {"input_ids": ids})[0]
-    prompt = np.random.default_rng(0).integers(0, 49152, size=(1, 512), dtype=np.int64)
-    one = prompt[:, :1]
-    pre = {n: [] for n in rows}
-    dec = {n: [] for n in rows}
-    for fwd in sessions.values():
-        time_forward(fwd, prompt, runs=1, warmup=1)
-        time_forward(fwd, one, runs=1, warmup=2)
-    for r in range(args.runs):  # round-robin: a busy machine slows every row alike
-        print(f"[int8-kernels] latency round {r + 1}/{args.runs}", file=sys.stderr, flush=True)
-        for name, fwd in sessions.items():
-            pre[name] += time_forward(fwd, prompt, runs=1, warmup=0)
-            dec[name] += time_forward(fwd, one, runs=5, warmup=0)
-    for name, row in rows.items():
-        row.update(prefill_min=min(pre[name]), prefill_med=statistics.median(pre[name]),
-                   decode_min=min(dec[name]), decode_med=statistics.median(dec[name]))
+    for name, timing in round_robin(sessions, runs=args.runs, label="int8-kernels").items():
+        rows[name].update(timing)
     base = rows["fp32"]
     if args.json:
         print(json.dumps({"host": cpu_info(), "recipe": args.recipe,

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qgraph.calib.data import calibration_windows, evaluation_windows  # noqa: E402
-from qgraph.eval.bench import time_forward  # noqa: E402
+from qgraph.eval.bench import round_robin  # noqa: E402
 from qgraph.eval.host import describe_host  # noqa: E402
 from qgraph.eval.perplexity import perplexity  # noqa: E402
 from qgraph.ir.capture import load_tokenizer  # noqa: E402
@@ -233,22 +232,8 @@ def main() -> None:
         rows[name]["ppl"] = perplexity(fwd, eval_windows, progress=False)["ppl"]
 
     # Round-robin latency: each round times every row once (prefill) and 5 times (single token).
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, 49152, size=(1, 512), dtype=np.int64)
-    one = prompt[:, :1]
-    pre = {n: [] for n in rows}
-    dec = {n: [] for n in rows}
-    for fwd in sessions.values():
-        time_forward(fwd, prompt, runs=1, warmup=1)
-        time_forward(fwd, one, runs=1, warmup=2)
-    for r in range(args.runs):
-        print(f"[compare] latency round {r + 1}/{args.runs}", file=sys.stderr, flush=True)
-        for name, fwd in sessions.items():
-            pre[name] += time_forward(fwd, prompt, runs=1, warmup=0)
-            dec[name] += time_forward(fwd, one, runs=5, warmup=0)
-    for name in rows:
-        rows[name].update(prefill_min=min(pre[name]), prefill_med=statistics.median(pre[name]),
-                          decode_min=min(dec[name]), decode_med=statistics.median(dec[name]))
+    for name, timing in round_robin(sessions, runs=args.runs, label="compare").items():
+        rows[name].update(timing)
 
     base = rows["qgraph fp32"]
     lines = [

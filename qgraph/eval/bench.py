@@ -43,3 +43,28 @@ def bench(forward: Forward, *, prefill_tokens: int = 512, runs: int = 10, vocab:
         "runs": runs,
         "note": DECODE_NOTE,
     }
+
+
+def round_robin(forwards: dict[str, Forward], *, runs: int = 10, vocab: int = 49152, prefill_tokens: int = 512,
+                label: str = "bench") -> dict[str, dict]:
+    """Prefill and single-token latency of several models timed in turns, so a busy machine slows all alike.
+
+    Each round times every model once on the prompt and 5 times on one token; returns per model
+    {'prefill_min', 'prefill_med', 'decode_min', 'decode_med'} in milliseconds.
+    """
+    import sys
+
+    prompt = np.random.default_rng(0).integers(0, vocab, size=(1, prefill_tokens), dtype=np.int64)
+    one = prompt[:, :1]
+    pre: dict[str, list[float]] = {n: [] for n in forwards}
+    dec: dict[str, list[float]] = {n: [] for n in forwards}
+    for fwd in forwards.values():
+        time_forward(fwd, prompt, runs=1, warmup=1)
+        time_forward(fwd, one, runs=1, warmup=2)
+    for r in range(runs):
+        print(f"[{label}] latency round {r + 1}/{runs}", file=sys.stderr, flush=True)
+        for name, fwd in forwards.items():
+            pre[name] += time_forward(fwd, prompt, runs=1, warmup=0)
+            dec[name] += time_forward(fwd, one, runs=5, warmup=0)
+    return {n: {"prefill_min": min(pre[n]), "prefill_med": statistics.median(pre[n]),
+                "decode_min": min(dec[n]), "decode_med": statistics.median(dec[n])} for n in forwards}
