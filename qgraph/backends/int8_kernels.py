@@ -59,6 +59,15 @@ def int8_kernel(name: str, where: str = "--int8-kernel") -> Int8Kernel:
                           f"use one of {', '.join(KERNELS)} ({DEFAULT} is exact on every CPU)") from None
 
 
+def takes_int8_gemm(weight_format: str, activation) -> bool:
+    """Whether ORT fuses a layer into MatMulIntegerToFloat: 8-bit integer weights x 8-bit per-tensor activations.
+
+    `activation` is anything with `format` and `granularity` (a recipe's TensorRule or a QuantSpec), or None.
+    """
+    return (weight_format in ("int8", "int7") and activation is not None and activation.format in ("int8", "uint8")
+            and activation.granularity == "tensor")
+
+
 def host_verdict(kernel: Int8Kernel, int8_dot: str) -> str:
     """Whether this kernel computes exact integer sums on a host with the given int8 dot-product unit."""
     if kernel.name != "u8s8" or int8_dot in ("vnni", "arm64"):

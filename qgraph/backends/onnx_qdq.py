@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from qgraph.backends.int8_kernels import DEFAULT as DEFAULT_INT8_KERNEL
-from qgraph.backends.int8_kernels import KERNELS
+from qgraph.backends.int8_kernels import KERNELS, takes_int8_gemm
 from qgraph.backends.int8_kernels import int8_kernel as get_int8_kernel
 from qgraph.errors import QGraphError
 from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotation_of, range_of
@@ -61,10 +61,8 @@ def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.nda
 
 
 def fused_int8(note: LayerAnnotation) -> bool:
-    """Whether ORT fuses this QDQ layer into MatMulIntegerToFloat: 8-bit integer weights x 8-bit per-tensor activations."""
-    a = note.activation
-    return (note.weight.format in ("int8", "int7") and a is not None and a.format in ("int8", "uint8")
-            and a.granularity == "tensor")
+    """Whether ORT fuses this QDQ layer into MatMulIntegerToFloat (int8_kernels.takes_int8_gemm)."""
+    return takes_int8_gemm(note.weight.format, note.activation)
 
 
 def kernel_for(note: LayerAnnotation, int8_kernel: str = DEFAULT_INT8_KERNEL) -> str:

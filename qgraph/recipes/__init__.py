@@ -90,15 +90,13 @@ class Recipe:
         `s7` rounds the fused int8 layers' weights to 7 bits, so passes that search or round weights
         (smooth, gptq, ...) optimise for the grid the artifact really stores.
         """
-        from qgraph.backends.int8_kernels import int8_kernel
+        from qgraph.backends.int8_kernels import int8_kernel, takes_int8_gemm
 
         old, new = int8_kernel(self.int8_kernel), int8_kernel(name, where)
 
         def move(rule: LayerRule | None) -> LayerRule | None:
-            a = rule.activations if rule is not None else None
-            fused = (rule is not None and rule.weights is not None and rule.weights.format == old.weight_format
-                     and a is not None and a.format in ("int8", "uint8") and a.granularity == "tensor")
-            if not fused:
+            if (rule is None or rule.weights is None or rule.weights.format != old.weight_format
+                    or not takes_int8_gemm(rule.weights.format, rule.activations)):
                 return rule
             return dataclasses.replace(rule, weights=dataclasses.replace(rule.weights, format=new.weight_format))
 
