@@ -18,45 +18,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qgraph.backends.int8_kernels import KERNELS, host_verdict  # noqa: E402
-from qgraph.backends.onnx_qdq import LowerToOnnxPass, session_from_file  # noqa: E402
+from qgraph.backends.onnx_qdq import session_from_file  # noqa: E402
 from qgraph.eval.bench import round_robin  # noqa: E402
 from qgraph.eval.host import cpu_info, describe_host  # noqa: E402
 
 
-def lone_layer_error(kernel: str, k: int = 576, n: int = 64, m: int = 16) -> float:
+def lone_layer_error(kernel: str) -> float:
     """Max relative error of ORT's fused int8 layer vs the exact int32 product (codes at the grid ends)."""
-    import onnx_ir as ir
+    from qgraph.eval.int8_exactness import max_rel_error
+    from qgraph.ir.qspec import QuantSpec
 
-    from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotate, set_range
-
-    choice = KERNELS[kernel]
-    spec = QuantSpec(choice.weight_format, "channel", axis=1)
-    rng = np.random.default_rng(0)
-    w = rng.choice([-1.0, 1.0], size=(k, n)).astype(np.float32)
-    x_v = ir.Value(name="x", shape=ir.Shape([m, k]), type=ir.TensorType(ir.DataType.FLOAT))
-    w_v = ir.Value(name="w", shape=ir.Shape([k, n]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(w))
-    node = ir.node("MatMul", [x_v, w_v], name="proj")
-    node.outputs[0].name, node.outputs[0].type = "y", ir.TensorType(ir.DataType.FLOAT)
-    model = ir.Model(ir.Graph([x_v], [node.outputs[0]], nodes=[node], initializers=[w_v], opset_imports={"": 21}),
-                     ir_version=10)
-    annotate(node, LayerAnnotation("proj", spec, QuantSpec("uint8", "tensor", symmetric=False)))
-    set_range(x_v, -1.0, 1.0)
-    LowerToOnnxPass(int8_kernel=kernel)(model)
     with tempfile.TemporaryDirectory() as d:
-        ir.save(model, Path(d) / "m.onnx")
-        x = rng.choice([-1.0, 1.0], size=(m, k)).astype(np.float32)
-        got = session_from_file(Path(d) / "m.onnx", threads=1).run(None, {"x": x})[0]
-    scale = 2.0 / 255
-    zero = round(1.0 / scale)
-    a = np.clip(np.round(x / scale) + zero, 0, 255).astype(np.int64) - zero
-    ref = (a @ (w * spec.qmax).astype(np.int64)) * scale / spec.qmax
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
+        return max_rel_error(kernel, QuantSpec("uint8", "tensor", symmetric=False), Path(d))
 
 
 def main() -> None:

@@ -11,55 +11,14 @@ import collections
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 
 import qgraph
 from qgraph.backends.int8_kernels import KERNELS, host_verdict
-from qgraph.backends.onnx_qdq import LowerToOnnxPass, session_from_file
 from qgraph.errors import QGraphError
 from qgraph.eval.host import cpu_info, describe_host
-from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotate, set_range
-
-K, N, M = 576, 64, 16
-
-
-def _linear(w: np.ndarray) -> ir.Model:
-    x = ir.Value(name="x", shape=ir.Shape([M, K]), type=ir.TensorType(ir.DataType.FLOAT))
-    weight = ir.Value(name="w", shape=ir.Shape(w.shape), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(w))
-    mm = ir.node("MatMul", [x, weight], name="layers.0.proj")
-    y = mm.outputs[0]
-    y.name, y.type, y.shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape([M, N])
-    graph = ir.Graph([x], [y], nodes=[mm], initializers=[weight], opset_imports={"": 21})
-    return ir.Model(graph, ir_version=10)
-
-
-def _lowered(kernel: str, weight_format: str, activation: QuantSpec, tmp_path):
-    """A lone linear with weight codes at +-qmax in every position, lowered by qgraph for `kernel`."""
-    spec = QuantSpec(weight_format, "channel", axis=1)
-    rng = np.random.default_rng(0)
-    w = rng.choice([-1.0, 1.0], size=(K, N)).astype(np.float32)  # per-channel max 1: codes are +-qmax
-    model = _linear(w)
-    node = next(iter(model.graph))
-    annotate(node, LayerAnnotation(node.name, spec, activation))
-    set_range(node.inputs[0], -1.0, 1.0)
-    lower = LowerToOnnxPass(int8_kernel=kernel)
-    lower(model)
-    path = tmp_path / f"{kernel}.onnx"
-    ir.save(model, path)
-    return path, lower, spec
-
-
-def _exact_reference(x: np.ndarray, activation: QuantSpec, spec: QuantSpec) -> np.ndarray:
-    """The int32 product of the activation and weight codes, rescaled in float64."""
-    # Both are stored as uint8 (symmetric int8: zero point 128, so a clipped -2 lands on code 0, i.e. -128).
-    a_scale = 1.0 / 127 if activation.symmetric else 2.0 / 255
-    a_zero = 128 if activation.symmetric else round(1.0 / a_scale)
-    a = np.clip(np.round(x / a_scale) + a_zero, 0, 255)
-    w = np.random.default_rng(0).choice([-1.0, 1.0], size=(K, N))
-    codes = (w * spec.qmax).astype(np.int64)
-    return ((a.astype(np.int64) - a_zero) @ codes) * a_scale * (1.0 / spec.qmax)
-
+from qgraph.eval.int8_exactness import max_rel_error, saturating_linear
+from qgraph.ir.qspec import QuantSpec
 
 ACTIVATIONS = {
     "int8-sym": QuantSpec("int8", "tensor"),  # stored uint8, zero point 128: codes 1..255 (0 after clipping)
@@ -68,32 +27,25 @@ ACTIVATIONS = {
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
-@pytest.mark.parametrize("kernel,weight_format", [("u8u8", "int8"), ("s7", "int7")])
-def test_fused_int8_equals_exact_int32_on_this_cpu(tmp_path, kernel, weight_format, activation):
-    act = ACTIVATIONS[activation]
-    path, lower, spec = _lowered(kernel, weight_format, act, tmp_path)
+@pytest.mark.parametrize("kernel", ["u8u8", "s7"])
+def test_fused_int8_equals_exact_int32_on_this_cpu(tmp_path, kernel, activation):
+    # Activations at both ends of the grid, weight codes +-qmax: adjacent u8 x s8 products sum to +-64770,
+    # twice what an int16 pair sum holds, so a saturating kernel is off by tens of percent here.
     optimized = tmp_path / "optimized.onnx"
-    session = session_from_file(path, threads=1, optimized_path=str(optimized))
+    err = max_rel_error(kernel, ACTIVATIONS[activation], tmp_path, optimized)
     ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
     assert ops["MatMulIntegerToFloat"] == 1 and ops["DequantizeLinear"] == 0, ops  # ORT's fused integer kernel ran
-    # Activations at both ends of the grid in every position: adjacent u8 x s8 products sum to +-64770,
-    # twice what an int16 pair sum holds, so a saturating kernel is off by tens of percent here.
-    rng = np.random.default_rng(1)
-    x = rng.choice([-2.0, 2.0], size=(M, K)).astype(np.float32)
-    x[0] = 2.0  # every code 255: each same-sign weight pair saturates a u8 x s8 kernel
-    got = session.run(None, {"x": x})[0]
-    ref = _exact_reference(x, act, spec)
-    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5, (describe_host(), kernel, activation)
+    assert err < 1e-5, (describe_host(), kernel, activation, err)
+    _, lower, _ = saturating_linear(kernel, ACTIVATIONS[activation])
     assert lower.summary()["int8_kernel"] == kernel
-    storage = onnx.load(str(path)).graph.initializer
+    storage = onnx.load(str(tmp_path / f"{kernel}.onnx")).graph.initializer
     w_dtype = next(t.data_type for t in storage if t.name.endswith("weight_q"))
     assert w_dtype == (onnx.TensorProto.UINT8 if kernel == "u8u8" else onnx.TensorProto.INT8)
 
 
-def test_s7_codes_fit_int16_pair_sums(tmp_path):
-    path, _, _ = _lowered("s7", "int7", ACTIVATIONS["int8-sym"], tmp_path)
-    codes = next(onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
-                 if t.name.endswith("weight_q"))
+def test_s7_codes_fit_int16_pair_sums():
+    model, _, _ = saturating_linear("s7", ACTIVATIONS["int8-sym"])
+    codes = next(v.const_value.numpy() for name, v in model.graph.initializers.items() if name.endswith("weight_q"))
     assert codes.dtype == np.int8 and np.abs(codes).max() == 63
     assert 2 * 255 * 64 <= 2**15 - 1  # the worst u8 x s7 pair cannot leave int16
 
