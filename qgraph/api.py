@@ -158,6 +158,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     from qgraph.ir.checks import check_compilable, extra_inputs, left_in_float
     from qgraph.passes.annotate import AnnotateLinearsPass
     from qgraph.passes.calibrate_ranges import CalibrateRangesPass
+    from qgraph.passes.drop_nan_guard import DropNanGuardPass
 
     recipe = load_recipe(recipe)
     if model.model is None:
@@ -168,7 +169,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     passes: list[dict] = []
     verified: list[dict] = []
 
-    def run(p, name: str) -> None:
+    def run(p, name: str, log: list[dict] = passes, verdicts: list[dict] = verified) -> None:
         t = time.perf_counter()
         if verify and getattr(p, "function_preserving", False):
             from qgraph.eval.verify import check_pass, token_range, verification_inputs
@@ -181,19 +182,25 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
             real = calib.ids[:1, :length] if isinstance(calib, TokenWindows) and calib.ctx >= length else None
             inputs = verification_inputs(vocab, real, length=length)
             result, verdict = check_pass(p, graph_model, inputs, name=name)
-            verified.append(verdict.to_dict())
+            verdicts.append(verdict.to_dict())
         else:
             result = p(graph_model)
-        passes.append({"pass": name, "modified": result.modified, "seconds": round(time.perf_counter() - t, 3),
-                       **p.summary()})
+        log.append({"pass": name, "modified": result.modified, "seconds": round(time.perf_counter() - t, 3),
+                    **p.summary()})
 
     if recipe.needs_calibration and not isinstance(calib, TokenWindows):
         calib = calibration_windows_for(model, calib or CalibConfig())
+    # Graph cleanup on every recipe, fp32 included, so quantized and float artifacts compare like for like.
+    simplified: list[dict] = []
+    simplify_verdicts: list[dict] = []
+    run(DropNanGuardPass(), "drop_nan_guard", simplified, simplify_verdicts)
+    for entry, verdict in zip(simplified, simplify_verdicts, strict=False):
+        entry["verified"] = verdict
     for name, options in recipe.passes:
         run(_recipe_pass(name, options, recipe, calib, progress), name)
     # The float reference for per-layer SQNR is the graph after the function-preserving rewrites:
     # they rescale (and may widen) layers inside a region, so only this graph matches layer for layer.
-    float_reference = graph_model.clone() if recipe.passes else model.model
+    float_reference = graph_model.clone() if recipe.passes else model.model  # the cleanup changes no layer
     annotate = AnnotateLinearsPass(recipe)
     run(annotate, "annotate_linears")
     if recipe.needs_calibration and annotate.annotated and any(n.activation for n in annotate.annotated.values()):
@@ -215,6 +222,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
               for name, note in annotate.annotated.items()]
     report = {
         "recipe": recipe.name,
+        "simplified": simplified,
         "passes": passes,
         "quantized_layers": len(layers),
         "skipped_layers": annotate.skipped,
