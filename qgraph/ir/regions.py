@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ir.hadamard import ONLINE_PREFIX
 from qgraph.ir.rewrite import add_initializer
 from qgraph.ir.validate import check_nodes, constant_array
 
@@ -120,6 +121,8 @@ def _linears(model: ir.Model) -> list[LinearLayer]:
         if found is None:
             continue
         weight, transposed = found
+        if weight.name and weight.name.startswith(ONLINE_PREFIX):
+            continue  # an online Hadamard factor inserted by rotate, not a model layer
         shape = weight.shape
         k, n = (shape[1], shape[0]) if transposed else (shape[0], shape[1])
         layers.append(LinearLayer(node.name or weight.name, node, weight, int(k), int(n), "block", transposed))

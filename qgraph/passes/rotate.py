@@ -1,0 +1,339 @@
+"""rotate: QuaRot's rotations, found on the graph (DESIGN.md section 4).
+
+- R1: one orthogonal Q on the whole residual stream. After every RMSNorm gamma is folded into
+  its readers, RMSNorm(x Q) = RMSNorm(x) Q (Q keeps the row norm), so: embedding E <- E Q, every
+  residual writer W <- W Q (bias too), every reader B <- Q^T B, lm_head included. A lm_head
+  tied to the embedding is untied by cloning (reported with the bytes it adds).
+- R2: per-head Hadamard on v_proj's output and o_proj's input, offline; with GQA the same
+  head_dim block on every query head that reads a KV head.
+- Online Hadamard before the down projection of a gated MLP (the product silu(g) * u has no
+  linear source to absorb it): a Kronecker-factored Reshape/MatMul/Transpose chain, never a dense
+  C x C matmul when C > 256, and the down weight's rows take H^T.
+
+The stream is walked from the embedding Gather along the residual Adds; its readers are the
+norm -> linears regions of the norms on it. Nothing names a layer: a graph whose stream has
+another reader (a hidden-state output, a LayerNorm) is refused with the node and the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.ir.hadamard import ONLINE_PREFIX, hadamard, hadamard_factors, random_orthogonal
+from qgraph.ir.regions import (
+    LinearLayer,
+    Region,
+    find_embeddings,
+    find_linears,
+    find_norms,
+    find_regions,
+    weight_array,
+)
+from qgraph.ir.rewrite import add_initializer, set_constant_input, set_linear_weight
+from qgraph.options import option
+from qgraph.passes.registry import PassContext, register
+
+DENSE_LIMIT = 256  # online Hadamards larger than this are applied as two Kronecker factors
+
+
+def orthogonal(size: int, seed: int) -> tuple[np.ndarray, str]:
+    """The rotation for `size` channels: a Hadamard where one is known, else a seeded random Q."""
+    try:
+        return hadamard(size), "hadamard"
+    except ValueError:
+        return random_orthogonal(size, seed), "random orthogonal (no known Hadamard order)"
+
+
+# --------------------------------------------------------------------------------------------
+# The residual stream
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Stream:
+    gather: ir.Node
+    writers: list[tuple[LinearLayer, ir.Value | None]]  # (linear, its constant bias or None)
+    norms: list  # qgraph.ir.regions.Norm on the stream, in graph order
+
+
+class StreamRefusal(Exception):
+    """The residual stream cannot be rotated; the message names the node and why."""
+
+
+def _rms_input(norm) -> ir.Value | None:
+    """x of an exported RMSNorm: the Mul(x, Reciprocal(Sqrt(...))) under the gamma Mul."""
+    for v in norm.output_node.inputs:
+        core = v.producer() if v is not None and v is not norm.gamma else None
+        if core is None or core.op_type != "Mul":
+            continue
+        for i in (0, 1):
+            other = core.inputs[1 - i].producer()
+            if other is not None and other.op_type == "Reciprocal":
+                return core.inputs[i]
+    return None
+
+
+def _writer(value: ir.Value, by_output: dict[int, LinearLayer]) -> tuple[LinearLayer, ir.Value | None] | None:
+    layer = by_output.get(id(value))
+    if layer is not None:
+        return layer, None
+    node = value.producer()
+    if node is not None and node.op_type == "Add":  # linear + constant bias
+        for i in (0, 1):
+            layer = by_output.get(id(node.inputs[i]))
+            if layer is not None and node.inputs[1 - i].const_value is not None:
+                return layer, node.inputs[1 - i]
+    return None
+
+
+def residual_stream(model: ir.Model) -> Stream:
+    """The embedding, the linears that write the residual stream and the norms that read it."""
+    graph = model.graph
+    norms = find_norms(model)
+    if any(n.kind == "layernorm" for n in norms):
+        raise StreamRefusal("LayerNorm subtracts the mean, which a rotation does not commute with; qgraph does "
+                            "not yet bake the mean into the writers (LayerNorm -> RMSNorm)")
+    embeddings = find_embeddings(model)
+    if len(embeddings) != 1:
+        raise StreamRefusal(f"the graph has {len(embeddings)} embedding lookups (Gather of a constant table); R1 "
+                            "needs exactly one residual stream source")
+    gather = embeddings[0][1]
+    by_input: dict[int, list] = {}
+    for norm in norms:
+        x = _rms_input(norm)
+        if x is not None:
+            by_input.setdefault(id(x), []).append(norm)
+    by_output = {id(layer.node.outputs[0]): layer for layer in find_linears(model)}
+    stream = Stream(gather, [], [])
+    frontier, seen = [gather.outputs[0]], set()
+    while frontier:
+        value = frontier.pop(0)
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value in graph.outputs:
+            raise StreamRefusal(f"the residual stream value {value.name} is a graph output: it would leave rotated")
+        stream.norms.extend(n for n in by_input.get(id(value), []) if n not in stream.norms)
+        for user, index in value.uses():
+            if id(value) in by_input and user.op_type in ("Pow", "Mul") and _reads_norm(user, by_input[id(value)]):
+                continue
+            if user.op_type == "Mul" and _scalar_constant(user.inputs[1 - index]):
+                frontier.append(user.outputs[0])  # a scaled embedding (Gemma) commutes with Q
+                continue
+            if user.op_type == "Add":
+                other = user.inputs[1 - index]
+                if id(other) in seen:
+                    continue
+                writer = _writer(other, by_output)
+                if writer is None:
+                    what = other.producer().op_type if other.producer() is not None else "a graph input"
+                    raise StreamRefusal(f"the residual Add {user.name} adds {other.name} from {what}, not a linear's "
+                                        "output: it cannot take the rotation")
+                stream.writers.append(writer)
+                frontier.append(user.outputs[0])
+                continue
+            raise StreamRefusal(f"node {user.name} ({user.op_type}) reads the residual stream value {value.name} and "
+                                "is neither a residual Add nor an RMSNorm: it does not commute with a rotation")
+    if not stream.norms:
+        raise StreamRefusal("no RMSNorm reads the residual stream")
+    return stream
+
+
+def _reads_norm(node: ir.Node, norms: list) -> bool:
+    """node is the Pow or the x * 1/rms Mul inside one of these norms."""
+    for norm in norms:
+        core = next((v.producer() for v in norm.output_node.inputs if v is not norm.gamma), None)
+        if node is core:
+            return True
+        if node.op_type == "Pow" and core is not None:
+            return True  # the Pow of x^2 that feeds the norm's ReduceMean
+    return False
+
+
+def _scalar_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.const_value.numpy().size == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Online Hadamard
+# --------------------------------------------------------------------------------------------
+
+def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    key = f"{ONLINE_PREFIX}{base}"
+    if key in graph.initializers:  # one shared copy per size and factor
+        return graph.initializers[key]
+    return add_initializer(graph, key, array)
+
+
+def insert_online_hadamard(graph: ir.Graph, layer: LinearLayer) -> tuple[np.ndarray, int]:
+    """y = x H before `layer` (H = A (x) B orthonormal); returns H and how many nodes were added."""
+    x = layer.node.inputs[0]
+    size = layer.in_features
+    a, b = hadamard_factors(size)
+    if a.shape[0] == 1 and size > DENSE_LIMIT:  # a power of two: split into two Sylvester factors
+        half = 1 << (size.bit_length() - 1) // 2
+        a, b = hadamard_factors(size // half)[1], hadamard_factors(half)[1]
+    rank = len(x.shape) if x.shape is not None else 3
+    h = np.kron(a, b)
+    nodes: list[ir.Node] = []
+    if a.shape[0] == 1 or size <= DENSE_LIMIT:
+        mm = ir.node("MatMul", [x, _const(graph, f"{size}", h.astype(np.float32))])
+        nodes.append(mm)
+        y = mm.outputs[0]
+    else:
+        m, p = a.shape[0], b.shape[0]
+        split = _const(graph, f"shape.{m}x{p}.r{rank}", np.array([0] * (rank - 1) + [m, p], np.int64))
+        merge = _const(graph, f"shape.{size}.r{rank}", np.array([0] * (rank - 1) + [size], np.int64))
+        swap = list(range(rank - 1)) + [rank, rank - 1]
+        r1 = ir.node("Reshape", [x, split])
+        mb = ir.node("MatMul", [r1.outputs[0], _const(graph, f"{p}", b.astype(np.float32))])
+        t1 = ir.node("Transpose", [mb.outputs[0]], attributes={"perm": swap})
+        ma = ir.node("MatMul", [t1.outputs[0], _const(graph, f"{m}", a.astype(np.float32))])
+        t2 = ir.node("Transpose", [ma.outputs[0]], attributes={"perm": swap})
+        r2 = ir.node("Reshape", [t2.outputs[0], merge])
+        nodes = [r1, mb, t1, ma, t2, r2]  # X -> A^T X B, read back as x (A (x) B)
+        y = r2.outputs[0]
+    for i, node in enumerate(nodes):
+        node.name = f"{layer.name}.online_hadamard.{i}"
+    y.name, y.shape, y.type = f"{layer.name}.input_rotated", x.shape, x.type
+    graph.insert_before(layer.node, nodes)
+    layer.node.replace_input_with(0, y)
+    return h, len(nodes)
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RotateOptions:
+    """Which QuaRot rotations to apply."""
+
+    r1: bool = option(True, "one orthogonal Q on the residual stream (embedding, writers, readers, lm_head)")
+    r2: bool = option(True, "per-head Hadamard on v_proj's output / o_proj's input, offline")
+    online_down: bool = option(True, "online Hadamard before each gated MLP's down projection")
+    seed: int = option(0, "seed of the random orthogonal fallback for sizes with no known Hadamard", ge=0)
+
+
+class RotatePass(ir.passes.InPlacePass):
+    """R1 + R2 + online Hadamard before down projections; function-preserving in float."""
+
+    function_preserving = True
+
+    def __init__(self, options: RotateOptions = RotateOptions()):
+        super().__init__()
+        self.options = options
+        self.r1: dict = {}
+        self.r2: list[str] = []
+        self.online: list[str] = []
+        self.untied_bytes = 0
+        self.refused: list[dict] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.options.r1:
+            self._r1(model)
+        regions, _ = find_regions(model)
+        if self.options.r2:
+            for region in (r for r in regions if r.kind == "v->o"):
+                self._r2(model.graph, region)
+        if self.options.online_down:
+            for region in (r for r in regions if r.kind == "up->down"):
+                for sink in region.sinks:
+                    w = weight_array(sink).astype(np.float64)
+                    h, _ = insert_online_hadamard(model.graph, sink)
+                    set_linear_weight(model.graph, sink, h.T @ w)  # x H H^T W = x W
+                    self.online.append(sink.name)
+        modified = bool(self.r1.get("writers") or self.r2 or self.online)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _r1(self, model: ir.Model) -> None:
+        from qgraph.passes.fold_norm_affine import FoldNormAffinePass
+
+        graph = model.graph
+        head = next((layer for layer in find_linears(model) if layer.role == "lm_head"), None)
+        if head is not None and head.node.inputs[1].const_value is None:  # MatMul(x, Transpose(table)): tied
+            w = weight_array(head)
+            set_linear_weight(graph, head, w)
+            self.untied_bytes = int(w.size * 4)
+        FoldNormAffinePass()(model)
+        try:
+            stream = residual_stream(model)
+        except StreamRefusal as exc:
+            self.refused.append({"candidate": "residual stream (R1)", "reason": str(exc)})
+            return
+        for norm in stream.norms:
+            if not np.all(norm.gamma.const_value.numpy() == 1):
+                self.refused.append({"candidate": "residual stream (R1)",
+                                     "reason": f"norm {norm.name} keeps gamma != 1 after folding (its readers refused "
+                                               "the fold), and RMSNorm(x Q) = RMSNorm(x) Q needs gamma = 1"})
+                return
+        regions, rejected = find_regions(model)
+        readers: list[LinearLayer] = []
+        for norm in stream.norms:
+            region = next((r for r in regions if r.kind == "norm->linears" and r.sources[0].node is norm.output_node),
+                          None)
+            if region is None:
+                reason = next((r.reason for r in rejected if r.candidate == norm.name), "not a norm -> linears region")
+                self.refused.append({"candidate": "residual stream (R1)",
+                                     "reason": f"the readers of norm {norm.name} cannot take Q^T: {reason}"})
+                return
+            readers.extend(region.sinks)
+        size = stream.gather.inputs[0].shape[1]
+        q, kind = orthogonal(int(size), self.options.seed)
+        table = stream.gather.inputs[0].const_value.numpy().astype(np.float64)
+        set_constant_input(graph, stream.gather, 0, table @ q, suffix="rotated")
+        for layer, bias in stream.writers:
+            set_linear_weight(graph, layer, weight_array(layer).astype(np.float64) @ q)
+            if bias is not None:
+                add = next(u for u, _ in bias.uses())
+                set_constant_input(graph, add, list(add.inputs).index(bias), bias.const_value.numpy() @ q)
+        for layer in readers:
+            set_linear_weight(graph, layer, q.T @ weight_array(layer).astype(np.float64))
+        self.r1 = {"size": int(size), "matrix": kind, "writers": len(stream.writers), "readers": len(readers),
+                   "norms": len(stream.norms)}
+
+    def _r2(self, graph: ir.Graph, region: Region) -> None:
+        head_dim = _head_dim(region)
+        if head_dim is None:
+            self.refused.append({"candidate": region.name, "reason": "no Reshape on the v -> o path names the head size"})
+            return
+        index = region.sink_index
+        if np.any(index % head_dim != np.arange(len(index)) % head_dim):
+            self.refused.append({"candidate": region.name,
+                                 "reason": f"o_proj rows do not read whole {head_dim}-wide heads of v in order"})
+            return
+        h, _ = orthogonal(head_dim, self.options.seed)
+        (source,) = region.sources
+        v = source.linear
+        heads_v, heads_o = region.channels // head_dim, len(index) // head_dim
+        set_linear_weight(graph, v, weight_array(v).astype(np.float64) @ np.kron(np.eye(heads_v), h))
+        if source.bias is not None:
+            b = source.bias.const_value.numpy().astype(np.float64).reshape(-1)
+            node = source.bias_node
+            set_constant_input(graph, node, list(node.inputs).index(source.bias), b @ np.kron(np.eye(heads_v), h))
+        for sink in region.sinks:
+            set_linear_weight(graph, sink, np.kron(np.eye(heads_o), h).T @ weight_array(sink).astype(np.float64))
+        self.r2.append(region.name)
+
+    def summary(self) -> dict:
+        return {"r1": self.r1, "r2_regions": len(self.r2), "online_hadamards": len(self.online),
+                "untied_lm_head_bytes": self.untied_bytes, "refused": self.refused}
+
+
+def _head_dim(region: Region) -> int | None:
+    for node in region.path:
+        if node.op_type != "Reshape":
+            continue
+        shape = node.outputs[0].shape
+        if shape is not None and len(shape) == 4 and isinstance(shape[-1], int) and 1 < shape[-1] < region.channels \
+                and region.channels % shape[-1] == 0:
+            return int(shape[-1])
+    return None
+
+
+@register("rotate", RotateOptions, help="QuaRot R1 (residual stream), R2 (per head) and online Hadamard before down_proj")
+def build(options: RotateOptions, ctx: PassContext) -> RotatePass:
+    """The rotation for a recipe (data-free: no calibration)."""
+    return RotatePass(options)
