@@ -27,7 +27,7 @@ def artifact_files(directory) -> dict:
     files = {name: (directory / name).read_bytes() for name in COMPARED if (directory / name).exists()}
     report = json.loads((directory / "report.json").read_text())
     report.pop("timings_s")
-    for p in report["passes"]:
+    for p in report["passes"] + report["simplified"]:
         p.pop("seconds")
     return {**files, "report.json": report}
 

@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ir.hadamard import ONLINE_PREFIX, hadamard, hadamard_factors, random_orthogonal
+from qgraph.ir.hadamard import ONLINE_PREFIX, factors, hadamard, hadamard_factors, random_orthogonal
 from qgraph.ir.regions import (
     LinearLayer,
     Region,
@@ -171,7 +171,10 @@ def insert_online_hadamard(graph: ir.Graph, layer: LinearLayer) -> tuple[np.ndar
     """y = x H before `layer` (H = A (x) B orthonormal); returns H and how many nodes were added."""
     x = layer.node.inputs[0]
     size = layer.in_features
-    a, b = hadamard_factors(size)
+    try:
+        a, b = hadamard_factors(size)
+    except ValueError:  # no Hadamard order: a small dense random orthogonal (the caller refuses large ones)
+        a, b = np.ones((1, 1)), random_orthogonal(size, 0)
     if a.shape[0] == 1 and size > DENSE_LIMIT:  # a power of two: split into two Sylvester factors
         half = 1 << (size.bit_length() - 1) // 2
         a, b = hadamard_factors(size // half)[1], hadamard_factors(half)[1]
@@ -229,6 +232,7 @@ class RotatePass(ir.passes.InPlacePass):
         self.r2: list[str] = []
         self.online: list[str] = []
         self.untied_bytes = 0
+        self.changed = False  # the untie and the norm fold, which R1 does first
         self.refused: list[dict] = []
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -241,11 +245,15 @@ class RotatePass(ir.passes.InPlacePass):
         if self.options.online_down:
             for region in (r for r in regions if r.kind == "up->down"):
                 for sink in region.sinks:
+                    if factors(sink.in_features) is None and sink.in_features > DENSE_LIMIT:
+                        self.refused.append({"candidate": sink.name, "reason": f"no known Hadamard of order "
+                                             f"{sink.in_features} and a dense online rotation that large is too slow"})
+                        continue
                     w = weight_array(sink).astype(np.float64)
                     h, _ = insert_online_hadamard(model.graph, sink)
                     set_linear_weight(model.graph, sink, h.T @ w)  # x H H^T W = x W
                     self.online.append(sink.name)
-        modified = bool(self.r1.get("writers") or self.r2 or self.online)
+        modified = bool(self.changed or self.r1.get("writers") or self.r2 or self.online)
         return ir.passes.PassResult(model, modified=modified)
 
     def _r1(self, model: ir.Model) -> None:
@@ -257,7 +265,8 @@ class RotatePass(ir.passes.InPlacePass):
             w = weight_array(head)
             set_linear_weight(graph, head, w)
             self.untied_bytes = int(w.size * 4)
-        FoldNormAffinePass()(model)
+            self.changed = True
+        self.changed |= FoldNormAffinePass()(model).modified  # kept even when the stream is refused below
         try:
             stream = residual_stream(model)
         except StreamRefusal as exc:
