@@ -30,6 +30,7 @@ from qgraph.ir.regions import (
     find_linears,
     find_norms,
     find_regions,
+    linear_bias,
     weight_array,
 )
 from qgraph.ir.rewrite import add_initializer, set_constant_input, set_linear_weight
@@ -54,7 +55,7 @@ def orthogonal(size: int, seed: int) -> tuple[np.ndarray, str]:
 @dataclasses.dataclass
 class Stream:
     gather: ir.Node
-    writers: list[tuple[LinearLayer, ir.Value | None]]  # (linear, its constant bias or None)
+    writers: list[tuple[LinearLayer, ir.Value | None, ir.Node | None]]  # (linear, constant bias, node adding it)
     norms: list  # qgraph.ir.regions.Norm on the stream, in graph order
 
 
@@ -62,29 +63,25 @@ class StreamRefusal(Exception):
     """The residual stream cannot be rotated; the message names the node and why."""
 
 
-def _rms_input(norm) -> ir.Value | None:
-    """x of an exported RMSNorm: the Mul(x, Reciprocal(Sqrt(...))) under the gamma Mul."""
+def _rms_reads(norm) -> tuple[ir.Value, set[int]] | None:
+    """x of an exported RMSNorm and the nodes inside it that read x: Pow(x) and Mul(x, Reciprocal(..))."""
     for v in norm.output_node.inputs:
         core = v.producer() if v is not None and v is not norm.gamma else None
         if core is None or core.op_type != "Mul":
             continue
         for i in (0, 1):
-            other = core.inputs[1 - i].producer()
-            if other is not None and other.op_type == "Reciprocal":
-                return core.inputs[i]
-    return None
-
-
-def _writer(value: ir.Value, by_output: dict[int, LinearLayer]) -> tuple[LinearLayer, ir.Value | None] | None:
-    layer = by_output.get(id(value))
-    if layer is not None:
-        return layer, None
-    node = value.producer()
-    if node is not None and node.op_type == "Add":  # linear + constant bias
-        for i in (0, 1):
-            layer = by_output.get(id(node.inputs[i]))
-            if layer is not None and node.inputs[1 - i].const_value is not None:
-                return layer, node.inputs[1 - i]
+            recip = core.inputs[1 - i].producer()
+            if recip is None or recip.op_type != "Reciprocal":
+                continue
+            x, readers, frontier = core.inputs[i], {id(core)}, [recip]
+            while frontier:  # back through Reciprocal <- Sqrt <- Add(eps) <- ReduceMean <- Pow(x)
+                for value in frontier.pop().inputs:
+                    node = value.producer() if value is not None else None
+                    if node is not None and node.op_type == "Pow" and node.inputs[0] is x:
+                        readers.add(id(node))
+                    elif node is not None and node.op_type in ("Sqrt", "Add", "ReduceMean", "Cast"):
+                        frontier.append(node)
+            return x, readers
     return None
 
 
@@ -100,12 +97,18 @@ def residual_stream(model: ir.Model) -> Stream:
         raise StreamRefusal(f"the graph has {len(embeddings)} embedding lookups (Gather of a constant table); R1 "
                             "needs exactly one residual stream source")
     gather = embeddings[0][1]
-    by_input: dict[int, list] = {}
+    by_input: dict[int, list] = {}  # id(x) -> the norms reading x
+    norm_readers: set[int] = set()  # the nodes inside those norms that read x
     for norm in norms:
-        x = _rms_input(norm)
-        if x is not None:
-            by_input.setdefault(id(x), []).append(norm)
-    by_output = {id(layer.node.outputs[0]): layer for layer in find_linears(model)}
+        found = _rms_reads(norm)
+        if found is not None:
+            by_input.setdefault(id(found[0]), []).append(norm)
+            norm_readers |= found[1]
+    # A writer's output is its bias Add (or the Gemm adding C), else the linear's own output.
+    by_output = {}
+    for layer in find_linears(model):
+        bias, bias_node = linear_bias(layer)
+        by_output[id((bias_node or layer.node).outputs[0])] = (layer, bias, bias_node)
     stream = Stream(gather, [], [])
     frontier, seen = [gather.outputs[0]], set()
     while frontier:
@@ -117,7 +120,7 @@ def residual_stream(model: ir.Model) -> Stream:
             raise StreamRefusal(f"the residual stream value {value.name} is a graph output: it would leave rotated")
         stream.norms.extend(n for n in by_input.get(id(value), []) if n not in stream.norms)
         for user, index in value.uses():
-            if id(value) in by_input and user.op_type in ("Pow", "Mul") and _reads_norm(user, by_input[id(value)]):
+            if id(user) in norm_readers:
                 continue
             if user.op_type == "Mul" and _scalar_constant(user.inputs[1 - index]):
                 frontier.append(user.outputs[0])  # a scaled embedding (Gemma) commutes with Q
@@ -126,7 +129,7 @@ def residual_stream(model: ir.Model) -> Stream:
                 other = user.inputs[1 - index]
                 if id(other) in seen:
                     continue
-                writer = _writer(other, by_output)
+                writer = by_output.get(id(other))
                 if writer is None:
                     what = other.producer().op_type if other.producer() is not None else "a graph input"
                     raise StreamRefusal(f"the residual Add {user.name} adds {other.name} from {what}, not a linear's "
@@ -139,17 +142,6 @@ def residual_stream(model: ir.Model) -> Stream:
     if not stream.norms:
         raise StreamRefusal("no RMSNorm reads the residual stream")
     return stream
-
-
-def _reads_norm(node: ir.Node, norms: list) -> bool:
-    """node is the Pow or the x * 1/rms Mul inside one of these norms."""
-    for norm in norms:
-        core = next((v.producer() for v in norm.output_node.inputs if v is not norm.gamma), None)
-        if node is core:
-            return True
-        if node.op_type == "Pow" and core is not None:
-            return True  # the Pow of x^2 that feeds the norm's ReduceMean
-    return False
 
 
 def _scalar_constant(value: ir.Value | None) -> bool:
@@ -167,8 +159,8 @@ def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     return add_initializer(graph, key, array)
 
 
-def insert_online_hadamard(graph: ir.Graph, layer: LinearLayer) -> tuple[np.ndarray, int]:
-    """y = x H before `layer` (H = A (x) B orthonormal); returns H and how many nodes were added."""
+def insert_online_hadamard(graph: ir.Graph, layer: LinearLayer) -> np.ndarray:
+    """y = x H before `layer` (H = A (x) B orthonormal); returns H."""
     x = layer.node.inputs[0]
     size = layer.in_features
     try:
@@ -203,7 +195,7 @@ def insert_online_hadamard(graph: ir.Graph, layer: LinearLayer) -> tuple[np.ndar
     y.name, y.shape, y.type = f"{layer.name}.input_rotated", x.shape, x.type
     graph.insert_before(layer.node, nodes)
     layer.node.replace_input_with(0, y)
-    return h, len(nodes)
+    return h
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +242,7 @@ class RotatePass(ir.passes.InPlacePass):
                                              f"{sink.in_features} and a dense online rotation that large is too slow"})
                         continue
                     w = weight_array(sink).astype(np.float64)
-                    h, _ = insert_online_hadamard(model.graph, sink)
+                    h = insert_online_hadamard(model.graph, sink)
                     set_linear_weight(model.graph, sink, h.T @ w)  # x H H^T W = x W
                     self.online.append(sink.name)
         modified = bool(self.changed or self.r1.get("writers") or self.r2 or self.online)
@@ -293,11 +285,11 @@ class RotatePass(ir.passes.InPlacePass):
         q, kind = orthogonal(int(size), self.options.seed)
         table = stream.gather.inputs[0].const_value.numpy().astype(np.float64)
         set_constant_input(graph, stream.gather, 0, table @ q, suffix="rotated")
-        for layer, bias in stream.writers:
+        for layer, bias, bias_node in stream.writers:
             set_linear_weight(graph, layer, weight_array(layer).astype(np.float64) @ q)
-            if bias is not None:
-                add = next(u for u, _ in bias.uses())
-                set_constant_input(graph, add, list(add.inputs).index(bias), bias.const_value.numpy() @ q)
+            if bias is not None:  # the Add after the linear, or the Gemm's own C
+                b = bias.const_value.numpy().astype(np.float64).reshape(-1)
+                set_constant_input(graph, bias_node, list(bias_node.inputs).index(bias), b @ q)
         for layer in readers:
             set_linear_weight(graph, layer, q.T @ weight_array(layer).astype(np.float64))
         self.r1 = {"size": int(size), "matrix": kind, "writers": len(stream.writers), "readers": len(readers),

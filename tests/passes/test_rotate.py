@@ -81,7 +81,7 @@ def test_layernorm_encoder_refuses_r1_with_the_reason():
 def test_residual_stream_of_tiny_llama(llama_captured):
     stream = residual_stream(llama_captured.model)
     assert len(stream.writers) == 4 and len(stream.norms) == 5
-    assert {w.name.rsplit(".", 1)[-1] for w, _ in stream.writers} == {"o_proj", "down_proj"}
+    assert {w.name.rsplit(".", 1)[-1] for w, _, _ in stream.writers} == {"o_proj", "down_proj"}
 
 
 @pytest.mark.slow
@@ -94,3 +94,35 @@ def test_rotate_smollm2_preserves_logits():
     assert verdict.ok and verdict.relative_error < 1e-5
     assert p.summary()["r1"] == {"size": 576, "matrix": "hadamard", "writers": 60, "readers": 151, "norms": 61}
     assert p.summary()["r2_regions"] == 30 and p.summary()["online_hadamards"] == 30
+
+
+class BiasWriterToy(torch.nn.Module):
+    """Tokens [1, T] -> [T] -> embedding -> RMSNorm -> Linear(bias) written back to the stream -> RMSNorm -> head.
+
+    2-D activations, so torch.onnx writes each biased linear as a Gemm whose C is the bias: R1 must
+    rotate that C with the writer's weight.
+    """
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(32, 24)
+        self.norm1, self.norm2 = torch.nn.RMSNorm(24), torch.nn.RMSNorm(24)
+        self.write = torch.nn.Linear(24, 24, bias=True)
+        self.head = torch.nn.Linear(24, 32, bias=False)
+        with torch.no_grad():
+            self.write.bias.normal_(0.0, 1.0)
+
+    def forward(self, ids):
+        x = self.embed(ids.reshape(-1))  # [1, T] -> [T, C]
+        x = x + self.write(self.norm1(x))
+        return self.head(self.norm2(x))
+
+
+def test_r1_rotates_a_gemm_writers_bias():
+    model = qgraph.load(BiasWriterToy(), example_inputs=(torch.arange(8).reshape(1, 8),), progress=False).model
+    writers = residual_stream(model).writers
+    assert len(writers) == 1 and writers[0][1] is not None  # the bias is found, wherever it is added
+    p = RotatePass(RotateOptions(r2=False, online_down=False))
+    _, verdict = check_pass(p, model, verification_inputs(32, length=8))
+    assert verdict.ok and p.summary()["r1"]["writers"] == 1, verdict
