@@ -24,12 +24,14 @@ import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from qgraph.ir.validate import constant_array
+
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
     if value.const_value is not None:
-        return value.const_value.numpy()
+        return constant_array(value)  # a damaged tensor is a QGraphError naming it, as everywhere else
     node = value.producer()
     if node is not None and node.op_type == "Constant" and "value" in node.attributes:
         return node.attributes["value"].as_tensor().numpy()
