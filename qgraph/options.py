@@ -64,7 +64,7 @@ def _arm_words(arm: Any, meta: dict, plural: bool) -> tuple[str, str]:
         return "null", "null"
     if origin is Literal or (arm is str and meta.get("choices")):
         names = typing.get_args(arm) if origin is Literal else meta["choices"]()
-        return " | ".join(map(str, names)), repr(names[0]) if len(names) == 1 else "one of " + ", ".join(names)
+        return " | ".join(map(str, names)), repr(names[0]) if len(names) == 1 else "one of " + ", ".join(map(str, names))
     if origin is tuple:
         name, words = _arm_words(typing.get_args(arm)[0], meta, plural=True)
         return f"list[{name}]", f"a list of {words}"
@@ -99,8 +99,8 @@ def _convert_arm(value: Any, arm: Any, meta: dict) -> Any:
     origin = typing.get_origin(arm)
     if arm is type(None) and value is None:
         return None
-    if origin is Literal and isinstance(value, str) and value in typing.get_args(arm):
-        return value
+    if origin is Literal and any(value == a and type(value) is type(a) for a in typing.get_args(arm)):
+        return value  # Literal["a", "b"] or Literal[2, 4, 8]; True is not 1 here
     if origin is tuple and isinstance(value, (list, tuple)) and value:  # an empty search grid searches nothing
         return tuple(_convert(v, typing.get_args(arm)[0], meta) for v in value)
     if arm is bool and isinstance(value, bool):

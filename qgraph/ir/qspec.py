@@ -23,11 +23,15 @@ FORMATS: dict[str, tuple[type, ir.DataType, float, float]] = {
     "uint8": (np.uint8, ir.DataType.UINT8, 0, 255),
     "int4": (ml_dtypes.int4, ir.DataType.INT4, -8, 7),
     "uint4": (ml_dtypes.uint4, ir.DataType.UINT4, 0, 15),
+    # KV-cache codes only (kv_quant's asymmetric 2-bit keys and values): no weight lowering takes it.
+    "uint2": (ml_dtypes.uint2, ir.DataType.UINT2, 0, 3),
     "fp8_e4m3": (ml_dtypes.float8_e4m3fn, ir.DataType.FLOAT8E4M3FN, -448.0, 448.0),
     "fp8_e5m2": (ml_dtypes.float8_e5m2, ir.DataType.FLOAT8E5M2, -57344.0, 57344.0),
     # E2M1 grid: 0, 0.5, 1, 1.5, 2, 3, 4, 6 (and negatives); ONNX opset 23 Q/DQ, no ORT 1.32 CPU kernel.
     "fp4_e2m1": (ml_dtypes.float4_e2m1fn, ir.DataType.FLOAT4E2M1, -6.0, 6.0),
 }
+
+KV_ONLY_FORMATS = ("uint2",)
 
 # The meta keys under which annotations live: quantization intent on a node's input edges,
 # and a calibrated [min, max] range on a value.
@@ -81,7 +85,7 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
-        return 4 if self.format in ("int4", "uint4", "fp4_e2m1") else 7 if self.format == "int7" else 8
+        return {"int4": 4, "uint4": 4, "fp4_e2m1": 4, "int7": 7, "uint2": 2}.get(self.format, 8)
 
     @property
     def storage_dtype(self) -> type:

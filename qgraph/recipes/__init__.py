@@ -28,9 +28,9 @@ LOWERINGS = {
 
 
 def _format_names() -> tuple[str, ...]:
-    from qgraph.ir.qspec import FORMATS
+    from qgraph.ir.qspec import FORMATS, KV_ONLY_FORMATS
 
-    return tuple(FORMATS)
+    return tuple(f for f in FORMATS if f not in KV_ONLY_FORMATS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +179,10 @@ def _passes(items: Any, blocks: LayerRule | None, origin: str) -> tuple[tuple[st
         entry.check(blocks, origin)
         out.append((name, dict(options or {})))
         entries.append(entry)
-    for entry, (after, _) in zip(entries, out[1:], strict=False):
-        if entry.last:
+    for i, entry in enumerate(entries):
+        after = next((name for name, later in zip([n for n, _ in out[i + 1:]], entries[i + 1:], strict=True)
+                      if not later.keeps_weights), None)
+        if entry.last and after is not None:
             raise QGraphError(f"recipe {origin}: pass {after!r} runs after {entry.name} and would {entry.last}",
                               f"list {entry.name} last in passes")
     return tuple(out)

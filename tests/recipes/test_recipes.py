@@ -50,6 +50,13 @@ def test_nested_typo_and_bad_values(tmp_path):
     p.write_text("weights:\n  format: fp8_e4m3\n  granularity: channel\npasses:\n  - gptq: {}\n  - smooth: {}\n")
     with pytest.raises(QGraphError, match="'smooth' runs after gptq"):
         load_recipe(p)
+    # kv_quant touches no weight: it may follow gptq, but a weight pass after it still may not.
+    p.write_text("weights:\n  format: fp8_e4m3\n  granularity: channel\npasses:\n  - gptq: {}\n  - kv_quant: {}\n")
+    assert [n for n, _ in load_recipe(p).passes] == ["gptq", "kv_quant"]
+    p.write_text("weights:\n  format: fp8_e4m3\n  granularity: channel\npasses:\n  - gptq: {}\n  - kv_quant: {}\n"
+                 "  - smooth: {}\n")
+    with pytest.raises(QGraphError, match="'smooth' runs after gptq"):
+        load_recipe(p)
     p.write_text("weights: [1, 2\n")
     with pytest.raises(QGraphError, match="not valid YAML"):
         load_recipe(p)

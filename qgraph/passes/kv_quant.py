@@ -1,0 +1,213 @@
+"""kv_quant: KIVI's asymmetric low-bit quantization of every attention block's keys and values.
+
+Keys are quantized per channel (each head-dim channel gets its own min/max over a group of
+`group_size` consecutive tokens: key outliers sit in fixed channels), values per token (each token's
+head vector in groups of `group_size` channels). Both are asymmetric: step (max - min) / (2^b - 1),
+codes round((x - min) / step) clipped to [0, 2^b - 1], dequantized as code * step + min, as KIVI's
+reference kernels do. The tensors are found on the graph (qgraph.ir.attention: after the k/v
+projections and RoPE, before GQA's head repeat), never by layer name.
+
+In this logits-only graph every position is quantized and the rounding is written as float ops both
+backends run (ONNX has no 2-bit type and no per-group dynamic Q/DQ with a float minimum). One
+consequence: a key's group spans up to group_size - 1 later tokens, so its grid depends on them;
+a KV-cache graph avoids that with KIVI's float residual window (the incomplete group stays float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.errors import QGraphError
+from qgraph.ir.attention import Attention, CachedTensor, find_attention
+from qgraph.ir.qspec import QuantSpec
+from qgraph.ir.rewrite import add_initializer
+from qgraph.options import option
+from qgraph.passes.registry import PassContext, register
+
+KV_SPEC_KEY = "qgraph.kv_spec"
+TINY_STEP = np.float32(1e-30)  # a constant group (max == min) rounds to code 0, read back as min; no 0 / 0
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuantOptions:
+    """KIVI's cache quantization."""
+
+    bits: Literal[2, 4, 8] = option(4, "bits per key and value element (asymmetric codes 0 .. 2^bits - 1)")
+    group_size: int = option(32, "tokens sharing a key channel's step; channels sharing a value token's step", ge=1)
+    keys: bool = option(True, "quantize the keys (per channel, groups along tokens)")
+    values: bool = option(True, "quantize the values (per token, groups along channels)")
+
+
+def kivi_spec(bits: int, axis: int, group_size: int) -> QuantSpec:
+    """The QuantSpec of one cached tensor: asymmetric, dynamic, `group_size` elements along `axis` per step."""
+    fmt = {2: "uint2", 4: "uint4", 8: "uint8"}[bits]
+    return QuantSpec(format=fmt, granularity="block", axis=axis, block_size=group_size, symmetric=False, static=False)
+
+
+def fake_quantize(x: np.ndarray, axis: int, group_size: int, bits: int) -> np.ndarray:
+    """numpy reference of the graph's rounding: groups of `group_size` along `axis` (the last one partial)."""
+    qmax = np.float32(2**bits - 1)
+    xt = np.moveaxis(np.asarray(x, dtype=np.float32), axis, -1)
+    n = xt.shape[-1]
+    pad = (-n) % group_size
+    xp = np.concatenate([xt, np.repeat(xt[..., -1:], pad, axis=-1)], axis=-1) if pad else xt
+    g = xp.reshape(*xp.shape[:-1], -1, group_size)
+    lo, hi = g.min(axis=-1, keepdims=True), g.max(axis=-1, keepdims=True)
+    step = np.maximum((hi - lo) / qmax, TINY_STEP)
+    y = np.clip(np.round((g - lo) / step), 0, qmax) * step + lo
+    return np.moveaxis(y.reshape(xp.shape)[..., :n], -1, axis)
+
+
+class KVQuantPass(ir.passes.InPlacePass):
+    """Insert KIVI's key (per channel) and value (per token) rounding after each attention block's K and V."""
+
+    function_preserving = False
+
+    def __init__(self, options: KVQuantOptions = KVQuantOptions(), windows=None, probe=None):
+        super().__init__()
+        self.options = options
+        self.windows = windows
+        self.probe = probe
+        self.blocks: list[dict] = []
+        self.refused: list[dict] = []
+        self.bytes_per_token = 0.0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        blocks, rejected = find_attention(model, self.probe)
+        self.refused = [dataclasses.asdict(r) for r in rejected]
+        if not blocks:
+            raise QGraphError("kv_quant found no attention block (softmax(Q K^T) V) in the graph"
+                              + (f"; refused: {self.refused[0]['candidate']}: {self.refused[0]['reason']}"
+                                 if self.refused else ""),
+                              "drop the kv_quant pass for this model, or check it with `qgraph inspect`")
+        error = self._errors(model, blocks)
+        o = self.options
+        done: set[int] = set()  # GQA blocks never share K, but a graph may read one tensor twice
+        for block in blocks:
+            entry = {"block": block.name}
+            for role, tensor, axis in (("key", block.key, block.key.token_axis),
+                                       ("value", block.value, block.value.channel_axis)):
+                if not getattr(o, f"{role}s") or id(tensor.value) in done:
+                    continue
+                done.add(id(tensor.value))
+                spec = kivi_spec(o.bits, axis, o.group_size if role == "key" else min(o.group_size, tensor.channels))
+                tensor.value.meta[KV_SPEC_KEY] = spec
+                _insert_rounding(model.graph, tensor, spec, o.bits)
+                entry[role] = {"tensor": tensor.value.name, "spec": spec.describe(),
+                               **({"sqnr_db": error[(block.name, role)]} if (block.name, role) in error else {})}
+            self.blocks.append(entry)
+        self.bytes_per_token = _cache_bytes_per_token(blocks, o)
+        return ir.passes.PassResult(model, modified=bool(self.blocks))
+
+    def _errors(self, model: ir.Model, blocks: list[Attention]) -> dict[tuple[str, str], float]:
+        """SQNR (dB) of each K and V's rounding on one calibration window, from the float graph."""
+        if self.windows is None:
+            return {}
+        from qgraph.backends.onnx_qdq import session_with_outputs
+
+        names = list(dict.fromkeys(t.value.name for b in blocks for t in (b.key, b.value)))
+        session = session_with_outputs(model, names, threads=2, optimize=False)
+        arrays = dict(zip(names, session.run(names, {session.get_inputs()[0].name: self.windows.ids[:1]}), strict=True))
+        o, out = self.options, {}
+        for b in blocks:
+            for role, t, axis, g in (("key", b.key, b.key.token_axis, o.group_size),
+                                     ("value", b.value, b.value.channel_axis, min(o.group_size, b.value.channels))):
+                x = arrays[t.value.name].astype(np.float64)
+                noise = x - fake_quantize(x, axis, g, o.bits)
+                out[(b.name, role)] = round(float(10 * np.log10(np.sum(x**2) / max(np.sum(noise**2), 1e-30))), 2)
+        return out
+
+    def summary(self) -> dict:
+        o = self.options
+        return {"bits": o.bits, "group_size": o.group_size, "blocks": self.blocks, "refused": self.refused,
+                "cache_bytes_per_token": self.bytes_per_token}
+
+
+def _cache_bytes_per_token(blocks: list[Attention], o: KVQuantOptions) -> float:
+    """Bytes one token adds to a cache of these tensors: codes plus a float16 step and minimum per group."""
+    total = 0.0
+    for b in blocks:
+        for role, t in (("key", b.key), ("value", b.value)):
+            width = t.channels * _heads(t)
+            if not getattr(o, f"{role}s"):
+                total += width * 4  # float32
+                continue
+            groups_per_token = width / o.group_size if role == "key" else width / min(o.group_size, t.channels)
+            total += width * o.bits / 8 + groups_per_token * 2 * 2
+    return total
+
+
+def _heads(t: CachedTensor) -> int:
+    shape = t.value.shape
+    dims = [d for i, d in enumerate(shape or []) if i not in (t.token_axis, t.channel_axis)]
+    known = [d for d in dims if isinstance(d, int)]
+    # [batch, heads, tokens, head_dim] or [batch, tokens, heads, head_dim]: batch is 1 in these exports.
+    return int(np.prod(known)) if known else 1
+
+
+def _insert_rounding(graph: ir.Graph, tensor: CachedTensor, spec: QuantSpec, bits: int) -> None:
+    """Nodes after `tensor.value` computing fake_quantize along spec.axis; every reader gets their output."""
+    x = tensor.value
+    readers = list(x.uses())
+    base = f"{x.name}.kivi"
+    nodes: list[ir.Node] = []
+
+    def op(kind: str, inputs: list, suffix: str, **attrs) -> ir.Value:
+        node = ir.node(kind, inputs, attributes=attrs, name=f"{base}.{suffix}")
+        node.outputs[0].name = f"{base}.{suffix}"
+        nodes.append(node)
+        return node.outputs[0]
+
+    def const(suffix: str, array) -> ir.Value:
+        return add_initializer(graph, f"{base}.{suffix}", np.asarray(array))
+
+    r, axis, g = tensor.rank, spec.axis, spec.block_size
+    perm = [i for i in range(r) if i != axis] + [axis]
+    moved = op("Transpose", [x], "moved", perm=perm) if axis != r - 1 else x
+    size = x.shape[axis] if x.shape is not None else None
+    whole = isinstance(size, int) and size % g == 0
+    if whole:
+        padded = moved
+    else:
+        length = op("Shape", [moved], "length", start=r - 1, end=r)
+        pad = op("Mod", [op("Sub", [const("group", np.array([g])), op("Mod", [length, const("group_m", np.array([g]))],
+                                                                            "rest")], "short"),
+                         const("group_p", np.array([g]))], "pad")
+        pads = op("Concat", [const("no_pad", np.zeros(2 * r - 1, dtype=np.int64)), pad], "pads", axis=0)
+        padded = op("Pad", [moved, pads], "padded", mode="edge")
+    groups = op("Reshape", [padded, const("grouped", np.array([0] * (r - 1) + [-1, g]))], "groups")
+    last = const("last", np.array([-1]))
+    lo = op("ReduceMin", [groups, last], "min", keepdims=1)
+    hi = op("ReduceMax", [groups, last], "max", keepdims=1)
+    qmax = const("qmax", np.float32(2**bits - 1))
+    step = op("Max", [op("Div", [op("Sub", [hi, lo], "span"), qmax], "raw_step"), const("tiny", TINY_STEP)], "step")
+    codes = op("Clip", [op("Round", [op("Div", [op("Sub", [groups, lo], "offset"), step], "units")], "rounded"),
+                        const("zero", np.float32(0)), qmax], "codes")
+    y = op("Add", [op("Mul", [codes, step], "scaled"), lo], "dq_groups")
+    y = op("Reshape", [y, const("flat", np.array([0] * (r - 1) + [-1]))], "dq_padded")
+    if not whole:
+        y = op("Slice", [y, const("start", np.array([0])), length, const("axis", np.array([r - 1]))], "dq_moved")
+    if axis != r - 1:
+        y = op("Transpose", [y], "dq", perm=[int(i) for i in np.argsort(perm)])
+    y.shape, y.type = x.shape, x.type
+    producer = x.producer()
+    if producer is not None:
+        graph.insert_after(producer, nodes)
+    else:
+        graph.insert_before(graph.node(0), nodes)
+    for user, index in readers:
+        user.replace_input_with(index, y)
+    if x in graph.outputs:  # a cache output stores what the attention reads
+        graph.outputs[graph.outputs.index(x)] = y
+
+
+@register("kv_quant", KVQuantOptions,
+          help="KIVI cache quantization: keys per channel (groups along tokens), values per token, asymmetric",
+          keeps_weights=True)
+def build(options: KVQuantOptions, ctx: PassContext) -> KVQuantPass:
+    """The KV rounding for a recipe; the calibration windows only serve the per-block error report."""
+    return KVQuantPass(options, ctx.windows)
