@@ -14,6 +14,9 @@ The `--int8-kernel` rows are w8a8-qsm lowered for ORT's other int8 GEMMs (qgraph
 which this one is). The ORT quantize_static rows use ORT's default u8 x s8 format: they saturate on a
 host without VNNI, as qgraph's u8s8 row does.
 
+The `-norot` rows are recipe files in tools/recipes/: w4a8-rot and w4a4-rot with the rotate pass
+removed, to show what the rotations buy. kv4 / kv2 quantize only the KV cache (fp32 weights).
+
     python tools/compare_peers.py [--out out/compare] [--runs 10] [--windows 16] [--tvm fp32,w8a8,w4a16]
                                   [--int8-kernels s7,u8s8]
 """
@@ -42,7 +45,8 @@ from qgraph.ir.capture import load_tokenizer  # noqa: E402
 
 TVM_RECIPES = ["fp32", "w8a8", "w4a16", "w4a8-smooth"]
 QGRAPH_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-qsm", "w4a8-qsm", "w4a8-smooth", "w4a16", "w4a16-awq", "fp8", "fp4",
-                  "fp4-noreparam"]
+                  "fp4-noreparam", "fp32-rot", "w4a8-rot", "tools/recipes/w4a8-norot.yaml", "w4a4-rot",
+                  "tools/recipes/w4a4-norot.yaml", "kv4", "kv2", "w4a8-rot-kv4"]
 
 
 def qgraph_cli(*args: str) -> None:
@@ -198,10 +202,13 @@ def main() -> None:
 
     rows: dict[str, dict] = {"qgraph fp32": {"dir": fp32_dir, "quant_s": 0.0}}
     for recipe in [r for r in args.recipes.split(",") if r]:
-        d = out / f"qgraph-{recipe}"
+        name = Path(recipe).stem  # a shipped name, or a recipe file (tools/recipes: the rotation-off rows)
+        if recipe.endswith(".yaml") and not Path(recipe).is_absolute():
+            recipe = str(ROOT / recipe)
+        d = out / f"qgraph-{name}"
         seconds = built_seconds(d, f"qgraph compile --recipe {recipe}",
                                 lambda d=d, r=recipe: qgraph_cli("compile", str(fp32_onnx), "--recipe", r, "-o", str(d), "-q"))
-        rows[f"qgraph {recipe}"] = {"dir": d, "quant_s": seconds}
+        rows[f"qgraph {name}"] = {"dir": d, "quant_s": seconds}
     for kernel in [k for k in args.int8_kernels.split(",") if k]:
         d = out / f"qgraph-w8a8-qsm-{kernel}"
         seconds = built_seconds(d, f"qgraph compile --recipe w8a8-qsm --int8-kernel {kernel}",

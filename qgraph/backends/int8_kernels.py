@@ -65,7 +65,7 @@ def takes_int8_gemm(weight_format: str, activation) -> bool:
     `activation` is anything with `format` and `granularity` (a recipe's TensorRule or a QuantSpec), or None.
     """
     return (weight_format in ("int8", "int7") and activation is not None and activation.format in ("int8", "uint8")
-            and activation.granularity == "tensor")
+            and activation.granularity == "tensor" and getattr(activation, "static", True))
 
 
 def host_verdict(kernel: Int8Kernel, int8_dot: str) -> str:

@@ -70,6 +70,9 @@ def kernel_for(note: LayerAnnotation, int8_kernel: str = DEFAULT_INT8_KERNEL) ->
     w, a = note.weight, note.activation
     if "fp4_e2m1" in (w.format, a and a.format):
         return "standard opset-23 float4e2m1 Q/DQ (no ORT 1.32 CPU kernel: lowering fp4-emulated runs in ORT)"
+    if a is not None and not a.static:
+        return f"{a.format} activations rounded per {'token' if a.granularity == 'token' else 'group'} at run time " \
+               "in float ops (no ORT kernel takes them) + DQ weights + float MatMul"
     if fused_int8(note):
         storage = "u8 x u8" if KERNELS[int8_kernel].weight_storage == "uint8" else "u8 x s8"
         return f"QDQ -> MatMulIntegerToFloat (fused int8, {storage}, {w.format} weights)"
@@ -136,9 +139,14 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
             note = annotation_of(layer.node)
             if note is None:
                 continue
+            if note.activation is not None and not note.activation.static:
+                self._round_dynamic_activation(graph, layer, note.activation, activation_dq)
             if note.lowering == "matmulnbits":
                 self._lower_matmulnbits(model, layer, note)
-                self.lowered[layer.name] = "MatMulNBits"
+                a = note.activation
+                self.lowered[layer.name] = "MatMulNBits" + (
+                    f" after run-time {a.format} rounding of its input per "
+                    f"{'token' if a.granularity == 'token' else 'group'}" if a is not None else "")
                 continue
             if note.lowering == "fp4-emulated":
                 from qgraph.backends.fp4_emulated import lower_fp4_emulated
@@ -149,7 +157,7 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                 model.opset_imports[""] = max(23, model.opset_imports.get("", 23))  # float4e2m1 Q/DQ is opset 23
             fused = fused_int8(note)
             self._lower_weight_qdq(graph, layer, note.weight, self.int8_kernel.weight_storage if fused else "int8")
-            if note.activation is not None:
+            if note.activation is not None and note.activation.static:
                 self._lower_activation_qdq(graph, layer, note, activation_dq)
             self.lowered[layer.name] = kernel_for(note, self.int8_kernel.name)
         ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -185,6 +193,30 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         if layer.node.op_type == "Gemm" and layer.transposed:
             layer.node.attributes["transB"] = ir.AttrInt64("transB", 0)
         layer.node.replace_input_with(1, out)
+
+    def _round_dynamic_activation(self, graph: ir.Graph, layer, spec: QuantSpec, shared: dict) -> None:
+        """Run-time rounding of the layer's input (per token or per group of its channels), shared by its readers.
+
+        No ORT CPU kernel takes 4-bit activations or per-group run-time steps, so the rounding is float
+        ops (backends.dynamic_rounding) in front of the layer's usual weight kernel.
+        """
+        from qgraph.backends.dynamic_rounding import insert_rounding
+
+        x = layer.node.inputs[0]
+        if spec.is_float or spec.symmetric == spec.format.startswith("uint"):
+            raise QGraphError(f"layer {layer.name}: dynamic activations are rounded to symmetric signed or asymmetric "
+                              f"unsigned integers, not {spec.describe()}",
+                              "use format int4/int8 with symmetric: true, or uint4/uint8 with symmetric: false")
+        if x.shape is None:
+            raise QGraphError(f"layer {layer.name}: activation {x.name!r} has no known rank for run-time rounding",
+                              "capture the model with shapes (qgraph.load runs ONNX shape inference)")
+        key = f"{x.name}/dynamic"
+        if key not in shared:
+            group = spec.block_size if spec.granularity == "block" else layer.in_features
+            shared[key] = insert_rounding(graph, x, axis=-1, rank=len(x.shape), group_size=min(group, layer.in_features),
+                                          bits=spec.bits, symmetric=spec.symmetric, clip=spec.clip, readers=[],
+                                          base=f"{x.name}.dynamic_{spec.format}")
+        layer.node.replace_input_with(0, shared[key])
 
     def _lower_activation_qdq(self, graph: ir.Graph, layer, note: LayerAnnotation, shared: dict) -> None:
         spec = note.activation

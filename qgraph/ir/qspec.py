@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from qgraph.errors import QGraphError
 
-Granularity = Literal["tensor", "channel", "block"]
+Granularity = Literal["tensor", "channel", "block", "token"]  # token: one run-time step per row (dynamic only)
 
 # name -> (storage numpy dtype, ONNX data type, qmin, qmax); float formats use the
 # format's largest finite value as qmax and quantize by rounding to the format's grid.
@@ -54,6 +54,8 @@ class QuantSpec:
     # negative) and the step is max|x| / 2^(b-1) instead of max|x| / (2^(b-1) - 1): llama.cpp's
     # Q4_0 and ONNX Runtime's blockwise 4-bit quantizer do this; at 4 bits it is 8/7 finer.
     full_range: bool = False
+    # Dynamic activations: the step covers clip x max|x| of each token or group (values beyond clip).
+    clip: float = 1.0
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -61,10 +63,12 @@ class QuantSpec:
                 f"unknown quantization format {self.format!r}",
                 f"use one of {', '.join(FORMATS)}",
             )
-        if self.granularity not in ("tensor", "channel", "block"):
+        if self.granularity not in ("tensor", "channel", "block", "token"):
             raise QGraphError(
-                f"unknown granularity {self.granularity!r}", "use tensor, channel or block"
+                f"unknown granularity {self.granularity!r}", "use tensor, channel, block or token"
             )
+        if self.granularity == "token" and self.static:
+            raise QGraphError("granularity 'token' is a run-time step per token", "set static=False")
         if self.granularity in ("channel", "block") and self.axis is None:
             raise QGraphError(f"granularity {self.granularity!r} needs an axis", "set axis")
         if self.granularity == "block" and not self.block_size:
@@ -114,7 +118,8 @@ class QuantSpec:
         elif g == "block":
             g = f"block(axis={self.axis},size={self.block_size})"
         sym = ("sym-full" if self.full_range else "sym") if self.symmetric else "asym"
-        return f"{self.format} {g} {sym} {'static' if self.static else 'dynamic'}"
+        clip = f" clip {self.clip:g}" if self.clip != 1.0 else ""
+        return f"{self.format} {g} {sym} {'static' if self.static else 'dynamic'}{clip}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,9 +20,14 @@ def weight_spec(rule: TensorRule) -> QuantSpec:
 
 
 def activation_spec(rule: TensorRule) -> QuantSpec:
-    """Bind an activation rule: per tensor, or per channel along the last (feature) axis."""
+    """Bind an activation rule: per tensor, per channel along the last (feature) axis, per token, per token group."""
     if rule.granularity == "channel":
         return QuantSpec(rule.format, "channel", axis=-1, symmetric=rule.symmetric, static=rule.static)
+    if rule.granularity == "token":
+        return QuantSpec(rule.format, "token", axis=-1, symmetric=rule.symmetric, static=False, clip=rule.clip)
+    if rule.granularity == "group":  # a token's channels in groups (dynamic only: checked by the recipe)
+        return QuantSpec(rule.format, "block", axis=-1, block_size=rule.group_size, symmetric=rule.symmetric,
+                         static=rule.static, clip=rule.clip)
     return QuantSpec(rule.format, "tensor", symmetric=rule.symmetric, static=rule.static)
 
 

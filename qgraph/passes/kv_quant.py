@@ -7,10 +7,10 @@ codes round((x - min) / step) clipped to [0, 2^b - 1], dequantized as code * ste
 reference kernels do. The tensors are found on the graph (qgraph.ir.attention: after the k/v
 projections and RoPE, before GQA's head repeat), never by layer name.
 
-In this logits-only graph every position is quantized and the rounding is written as float ops both
-backends run (ONNX has no 2-bit type and no per-group dynamic Q/DQ with a float minimum). One
-consequence: a key's group spans up to group_size - 1 later tokens, so its grid depends on them;
-a KV-cache graph avoids that with KIVI's float residual window (the incomplete group stays float).
+In this logits-only graph every position is quantized; the rounding is qgraph.backends.dynamic_rounding's
+float ops, which both backends run. One consequence: a key's group spans up to group_size - 1 later
+tokens, so its grid depends on them; a KV-cache graph avoids that with KIVI's float residual window
+(the incomplete group stays float).
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.backends.dynamic_rounding import fake_quantize, insert_rounding
 from qgraph.errors import QGraphError
 from qgraph.ir.attention import Attention, CachedTensor, find_attention
 from qgraph.ir.qspec import QuantSpec
-from qgraph.ir.rewrite import add_initializer
 from qgraph.options import option
 from qgraph.passes.registry import PassContext, register
 
 KV_SPEC_KEY = "qgraph.kv_spec"
-TINY_STEP = np.float32(1e-30)  # a constant group (max == min) rounds to code 0, read back as min; no 0 / 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,20 +45,6 @@ def kivi_spec(bits: int, axis: int, group_size: int) -> QuantSpec:
     """The QuantSpec of one cached tensor: asymmetric, dynamic, `group_size` elements along `axis` per step."""
     fmt = {2: "uint2", 4: "uint4", 8: "uint8"}[bits]
     return QuantSpec(format=fmt, granularity="block", axis=axis, block_size=group_size, symmetric=False, static=False)
-
-
-def fake_quantize(x: np.ndarray, axis: int, group_size: int, bits: int) -> np.ndarray:
-    """numpy reference of the graph's rounding: groups of `group_size` along `axis` (the last one partial)."""
-    qmax = np.float32(2**bits - 1)
-    xt = np.moveaxis(np.asarray(x, dtype=np.float32), axis, -1)
-    n = xt.shape[-1]
-    pad = (-n) % group_size
-    xp = np.concatenate([xt, np.repeat(xt[..., -1:], pad, axis=-1)], axis=-1) if pad else xt
-    g = xp.reshape(*xp.shape[:-1], -1, group_size)
-    lo, hi = g.min(axis=-1, keepdims=True), g.max(axis=-1, keepdims=True)
-    step = np.maximum((hi - lo) / qmax, TINY_STEP)
-    y = np.clip(np.round((g - lo) / step), 0, qmax) * step + lo
-    return np.moveaxis(y.reshape(xp.shape)[..., :n], -1, axis)
 
 
 class KVQuantPass(ir.passes.InPlacePass):
@@ -96,7 +81,8 @@ class KVQuantPass(ir.passes.InPlacePass):
                 done.add(id(tensor.value))
                 spec = kivi_spec(o.bits, axis, o.group_size if role == "key" else min(o.group_size, tensor.channels))
                 tensor.value.meta[KV_SPEC_KEY] = spec
-                _insert_rounding(model.graph, tensor, spec, o.bits)
+                insert_rounding(model.graph, tensor.value, axis=axis, rank=tensor.rank, group_size=spec.block_size,
+                                bits=o.bits, base=f"{tensor.value.name}.kivi")
                 entry[role] = {"tensor": tensor.value.name, "spec": spec.describe(),
                                **({"sqnr_db": error[(block.name, role)]} if (block.name, role) in error else {})}
             self.blocks.append(entry)
@@ -147,62 +133,6 @@ def _heads(t: CachedTensor) -> int:
     known = [d for d in dims if isinstance(d, int)]
     # [batch, heads, tokens, head_dim] or [batch, tokens, heads, head_dim]: batch is 1 in these exports.
     return int(np.prod(known)) if known else 1
-
-
-def _insert_rounding(graph: ir.Graph, tensor: CachedTensor, spec: QuantSpec, bits: int) -> None:
-    """Nodes after `tensor.value` computing fake_quantize along spec.axis; every reader gets their output."""
-    x = tensor.value
-    readers = list(x.uses())
-    base = f"{x.name}.kivi"
-    nodes: list[ir.Node] = []
-
-    def op(kind: str, inputs: list, suffix: str, **attrs) -> ir.Value:
-        node = ir.node(kind, inputs, attributes=attrs, name=f"{base}.{suffix}")
-        node.outputs[0].name = f"{base}.{suffix}"
-        nodes.append(node)
-        return node.outputs[0]
-
-    def const(suffix: str, array) -> ir.Value:
-        return add_initializer(graph, f"{base}.{suffix}", np.asarray(array))
-
-    r, axis, g = tensor.rank, spec.axis, spec.block_size
-    perm = [i for i in range(r) if i != axis] + [axis]
-    moved = op("Transpose", [x], "moved", perm=perm) if axis != r - 1 else x
-    size = x.shape[axis] if x.shape is not None else None
-    whole = isinstance(size, int) and size % g == 0
-    if whole:
-        padded = moved
-    else:
-        length = op("Shape", [moved], "length", start=r - 1, end=r)
-        pad = op("Mod", [op("Sub", [const("group", np.array([g])), op("Mod", [length, const("group_m", np.array([g]))],
-                                                                            "rest")], "short"),
-                         const("group_p", np.array([g]))], "pad")
-        pads = op("Concat", [const("no_pad", np.zeros(2 * r - 1, dtype=np.int64)), pad], "pads", axis=0)
-        padded = op("Pad", [moved, pads], "padded", mode="edge")
-    groups = op("Reshape", [padded, const("grouped", np.array([0] * (r - 1) + [-1, g]))], "groups")
-    last = const("last", np.array([-1]))
-    lo = op("ReduceMin", [groups, last], "min", keepdims=1)
-    hi = op("ReduceMax", [groups, last], "max", keepdims=1)
-    qmax = const("qmax", np.float32(2**bits - 1))
-    step = op("Max", [op("Div", [op("Sub", [hi, lo], "span"), qmax], "raw_step"), const("tiny", TINY_STEP)], "step")
-    codes = op("Clip", [op("Round", [op("Div", [op("Sub", [groups, lo], "offset"), step], "units")], "rounded"),
-                        const("zero", np.float32(0)), qmax], "codes")
-    y = op("Add", [op("Mul", [codes, step], "scaled"), lo], "dq_groups")
-    y = op("Reshape", [y, const("flat", np.array([0] * (r - 1) + [-1]))], "dq_padded")
-    if not whole:
-        y = op("Slice", [y, const("start", np.array([0])), length, const("axis", np.array([r - 1]))], "dq_moved")
-    if axis != r - 1:
-        y = op("Transpose", [y], "dq", perm=[int(i) for i in np.argsort(perm)])
-    y.shape, y.type = x.shape, x.type
-    producer = x.producer()
-    if producer is not None:
-        graph.insert_after(producer, nodes)
-    else:
-        graph.insert_before(graph.node(0), nodes)
-    for user, index in readers:
-        user.replace_input_with(index, y)
-    if x in graph.outputs:  # a cache output stores what the attention reads
-        graph.outputs[graph.outputs.index(x)] = y
 
 
 @register("kv_quant", KVQuantOptions,

@@ -17,7 +17,7 @@ _TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations"
              "int8_kernel"}
 _LAYER_KEYS = {"select", "skip"}
 WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
-ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer"}
+ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer", "clip"}
 EMBEDDING_KEYS = {"format", "granularity", "group_size"}
 _HEAD_KEYS = {"weights", "activations", "lowering"}
 LOWERINGS = {
@@ -38,13 +38,16 @@ class TensorRule:
     """How one kind of tensor is quantized, before it is bound to a layer's axes."""
 
     format: str = option(help="number format", choices=_format_names, example="int8", aliases=("bits", "dtype", "type"))
-    granularity: Literal["tensor", "channel", "group"] = option(
-        "channel", "one scale per tensor, per channel (weights: output; activations: feature) or per group of inputs")
+    granularity: Literal["tensor", "channel", "group", "token"] = option(
+        "channel", "one scale per tensor, per channel (weights: output; activations: feature), per group of inputs "
+                   "or (dynamic activations) per token")
     group_size: int | None = option(None, "inputs sharing one scale, with granularity group", ge=1, example=128)
     symmetric: bool = option(True, "no zero point (false: one per scale)")
     static: bool = option(True, "activation ranges calibrated ahead of time (false: computed at run time)")
     observer: Literal["minmax"] = option("minmax", "how calibration turns activations into a range")
     full_range: bool = option(False, "symmetric signed integers also use code -2^(b-1) (as llama.cpp Q4_0)")
+    clip: float = option(1.0, "dynamic activations: each step covers clip x max|x| of its token or group "
+                              "(values beyond are clipped); 1 clips nothing", gt=0, le=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +120,17 @@ def _tensor_rule(d: Any, where: str, origin: str, allowed: set[str]) -> TensorRu
     if rule.granularity != "group" and rule.group_size is not None:
         raise QGraphError(f"recipe {origin}: {where}.group_size applies to granularity group, not {rule.granularity}",
                           "add granularity: group, or drop group_size")
+    dynamic = where.endswith("activations") and not rule.static
+    if rule.granularity == "token" and not dynamic:
+        raise QGraphError(f"recipe {origin}: {where}.granularity token is a run-time step per token, for activations "
+                          "with static: false", "set static: false, or use granularity tensor or channel")
+    if dynamic and rule.granularity not in ("token", "group"):
+        raise QGraphError(f"recipe {origin}: {where} with static: false computes steps at run time per token or per "
+                          f"group of a token's channels, not per {rule.granularity}",
+                          "use granularity: token, or granularity: group with a group_size")
+    if rule.clip != 1.0 and not dynamic:
+        raise QGraphError(f"recipe {origin}: {where}.clip applies to dynamic activations (static: false)",
+                          "drop clip, or set static: false")
     return rule
 
 
@@ -145,10 +159,12 @@ def _layer_rule(d: Any, where: str, origin: str) -> LayerRule | None:
     if rule.weights is None and rule.activations is None:
         return None
     if rule.lowering == "matmulnbits":
-        if (rule.activations is not None or rule.weights is None or rule.weights.format not in ("int4", "uint4")
-                or rule.weights.granularity != "group"):
-            raise QGraphError(f"recipe {origin}: lowering matmulnbits in {where} is int4 group weight-only",
-                              "use weights {format: int4, granularity: group} with no activations, or lowering: qdq")
+        if ((rule.activations is not None and rule.activations.static) or rule.weights is None
+                or rule.weights.format not in ("int4", "uint4") or rule.weights.granularity != "group"):
+            raise QGraphError(f"recipe {origin}: lowering matmulnbits in {where} takes int4 group weights with float "
+                              "or dynamic (run-time rounded) activations",
+                              "use weights {format: int4, granularity: group} with no activations or static: false "
+                              "ones, or lowering: qdq")
         _kernel_block(rule.weights, f"{prefix}weights", origin, "MatMulNBits", "use group_size: 32, 64 or 128, or lowering: qdq")
     if rule.lowering == "fp4-emulated" and any(t and t.format != "fp4_e2m1" for t in (rule.weights, rule.activations)):
         raise QGraphError(f"recipe {origin}: lowering fp4-emulated in {where} emulates fp4_e2m1 weights and activations",

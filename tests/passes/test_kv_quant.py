@@ -8,10 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from qgraph.backends.dynamic_rounding import fake_quantize
 from qgraph.backends.onnx_qdq import session_from_model, session_with_outputs
 from qgraph.errors import QGraphError
 from qgraph.ir.attention import find_attention
-from qgraph.passes.kv_quant import KVQuantOptions, KVQuantPass, fake_quantize
+from qgraph.passes.kv_quant import KVQuantOptions, KVQuantPass
 
 
 @settings(max_examples=60, deadline=None)

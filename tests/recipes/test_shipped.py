@@ -4,9 +4,10 @@ shipped_recipes.json was written by `snapshot()` on the commit before the regist
 every shipped recipe's to_dict() and the attributes of each pass it builds, plus every pass built
 with no options (its defaults). Values are compared after a JSON round trip, so an int option the
 registry now types as float (qsm split_threshold 8 -> 8.0) compares equal, as it computes the same.
-Recipes added later (fp32-rot, w4a8-rot, kv4, kv2, w4a8-rot-kv4) were added to the file by `write()`; every older entry unchanged.
-Since then recipes carry `int8_kernel` (default u8u8), and passes start with empty result attributes
-(clipped / rounded / reason ...) that say why they changed nothing; both were added after checking every
+Recipes added later (fp32-rot, w4a8-rot, kv4, kv2, w4a8-rot-kv4, w4a4-rot) were added to the file
+by `write()`; every older entry unchanged. Since then recipes carry `int8_kernel` (default u8u8),
+tensor rules and QuantSpecs a `clip` (default 1.0), and passes start with empty result attributes
+(clipped / rounded / reason ...) that say why they changed nothing; each was added after checking every
 other value was unchanged.
 After an intended change to a recipe or a pass default, rewrite the file with
 `python -c "from tests.recipes.test_shipped import write; write()"`.

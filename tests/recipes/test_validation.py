@@ -119,6 +119,20 @@ CASES = {
     "gptq per tensor": ("weights: {format: int8, granularity: tensor}\npasses:\n  - gptq\n",
                         ["gptq rounds quantized weights with per-channel or per-group scales"], ["channel or group"]),
     "gptq not last": (W8A8 + "passes:\n  - gptq\n  - smooth\n", ["pass 'smooth' runs after gptq"], ["list gptq last in passes"]),
+    # run-time (dynamic) activations
+    "token step on static activations": (W4G + "activations: {format: int4, granularity: token}\n",
+                                         ["activations.granularity token is a run-time step per token"],
+                                         ["set static: false"]),
+    "dynamic per channel": (W4G + "activations: {format: int4, granularity: channel, static: false}\n",
+                            ["activations with static: false computes steps at run time per token or per group"],
+                            ["use granularity: token"]),
+    "clip on static activations": (W8A8.replace("tensor}", "tensor, clip: 0.9}"),
+                                   ["activations.clip applies to dynamic activations"], ["set static: false"]),
+    "clip above 1": (W4G + "activations: {format: int4, granularity: token, static: false, clip: 1.5}\n",
+                     ["activations.clip: 1.5 is not a number in (0, 1]"], []),
+    "matmulnbits with static activations": (W4G + "activations: {format: int8, granularity: tensor}\nlowering: matmulnbits\n",
+                                            ["lowering matmulnbits in the blocks takes int4 group weights with float or "
+                                             "dynamic"], ["static: false"]),
     "unknown pass": (
         W8 + "passes:\n  - smoth\n",
         ["unknown pass 'smoth' in passes"],
