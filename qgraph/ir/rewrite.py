@@ -121,3 +121,33 @@ def shift_region(graph: ir.Graph, region, z: np.ndarray):
                                  suffix="shifted")
         sources.append(dataclasses.replace(src, **{field: new}))
     return dataclasses.replace(region, sources=sources)
+
+
+def permute_region(graph: ir.Graph, region, perm: np.ndarray) -> None:
+    """Reorder a linear-sourced region's channels: new channel j is old channel perm[j] (exact in float).
+
+    The sources' output columns (a gated product's gate and up both) and biases take perm; each sink
+    row r reads source channel c = sink_index[r], so it takes the row that read perm[c] before: r + perm[c] - c
+    on the contiguous per-head layout the paths produce (checked, so a layout that is not refuses).
+    """
+    from qgraph.ir.regions import linear_bias, weight_array
+
+    perm = np.asarray(perm, dtype=np.int64)
+    idx = region.sink_index
+    rows = np.arange(len(idx)) + perm[idx] - idx
+    if rows.min() < 0 or rows.max() >= len(idx) or np.any(idx[rows] != perm[idx]):
+        raise ValueError(f"region {region.name}: its sinks do not read the permuted channels in contiguous blocks")
+    for src in region.sources:
+        if src.kind not in ("linear", "gated_product"):
+            raise ValueError(f"region {region.name}: a {src.kind} source cannot reorder its output channels alone")
+        for layer in (src.linear, src.gate):
+            if layer is None:
+                continue
+            set_linear_weight(graph, layer, weight_array(layer)[:, perm])
+            bias, node = linear_bias(layer)
+            if bias is not None:
+                b = bias.const_value.numpy()
+                set_constant_input(graph, node, input_index(node, bias), b.reshape(-1)[perm].reshape(b.shape),
+                                   suffix="permuted")
+    for sink in region.sinks:
+        set_linear_weight(graph, sink, weight_array(sink)[rows])
