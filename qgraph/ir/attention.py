@@ -170,10 +170,14 @@ def _probe_shapes(model: ir.Model, values: list[ir.Value], probe) -> tuple[int, 
 
 
 def _ort_probe(model: ir.Model, names: list[str], length: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the named values on one run: every input batch 1, its second axis `length` where dynamic."""
     from qgraph.backends.onnx_qdq import session_with_outputs
 
+    feeds = {}
+    for v in model.graph.inputs:
+        dims = [d if isinstance(d, int) else (length if i == 1 else 1) for i, d in enumerate(v.shape or [])]
+        dtype = v.dtype.numpy() if v.dtype is not None else np.float32
+        feeds[v.name] = np.ones(dims, dtype=dtype)  # token id 1, an all-ones mask, or unit floats
     session = session_with_outputs(model, names, threads=1, optimize=False)
-    first = session.get_inputs()[0]
-    ids = np.ones((1, length), dtype=np.int64)
-    outs = session.run(names, {first.name: ids})
+    outs = session.run(names, feeds)
     return {n: tuple(int(d) for d in a.shape) for n, a in zip(names, outs, strict=True)}

@@ -22,7 +22,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.backends.dynamic_rounding import fake_quantize, insert_rounding
-from qgraph.errors import QGraphError
 from qgraph.ir.attention import Attention, CachedTensor, find_attention
 from qgraph.ir.qspec import QuantSpec
 from qgraph.options import option
@@ -60,15 +59,14 @@ class KVQuantPass(ir.passes.InPlacePass):
         self.blocks: list[dict] = []
         self.refused: list[dict] = []
         self.bytes_per_token = 0.0
+        self.reason = ""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         blocks, rejected = find_attention(model, self.probe)
         self.refused = [dataclasses.asdict(r) for r in rejected]
-        if not blocks:
-            raise QGraphError("kv_quant found no attention block (softmax(Q K^T) V) in the graph"
-                              + (f"; refused: {self.refused[0]['candidate']}: {self.refused[0]['reason']}"
-                                 if self.refused else ""),
-                              "drop the kv_quant pass for this model, or check it with `qgraph inspect`")
+        if not blocks:  # left alone and said why, as every pass does (report.json, `qgraph compile` output)
+            self.reason = "no attention block (softmax(Q K^T) V) in the graph: there is no KV cache to quantize"
+            return ir.passes.PassResult(model, modified=False)
         error = self._errors(model, blocks)
         o = self.options
         done: set[int] = set()  # GQA blocks never share K, but a graph may read one tensor twice
@@ -110,7 +108,7 @@ class KVQuantPass(ir.passes.InPlacePass):
     def summary(self) -> dict:
         o = self.options
         return {"bits": o.bits, "group_size": o.group_size, "blocks": self.blocks, "refused": self.refused,
-                "cache_bytes_per_token": self.bytes_per_token}
+                "cache_bytes_per_token": self.bytes_per_token, "reason": self.reason}
 
 
 def _cache_bytes_per_token(blocks: list[Attention], o: KVQuantOptions) -> float:

@@ -17,7 +17,7 @@ _TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations"
              "int8_kernel"}
 _LAYER_KEYS = {"select", "skip"}
 WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
-ACT_KEYS = {"format", "granularity", "symmetric", "static", "observer", "clip"}
+ACT_KEYS = {"format", "granularity", "group_size", "symmetric", "static", "observer", "clip"}
 EMBEDDING_KEYS = {"format", "granularity", "group_size"}
 _HEAD_KEYS = {"weights", "activations", "lowering"}
 LOWERINGS = {
@@ -121,6 +121,10 @@ def _tensor_rule(d: Any, where: str, origin: str, allowed: set[str]) -> TensorRu
         raise QGraphError(f"recipe {origin}: {where}.group_size applies to granularity group, not {rule.granularity}",
                           "add granularity: group, or drop group_size")
     dynamic = where.endswith("activations") and not rule.static
+    if where.endswith("activations") and rule.granularity == "group" and rule.static:
+        raise QGraphError(f"recipe {origin}: {where}.granularity group is a run-time step per group of a token's "
+                          "channels, for activations with static: false", "set static: false, or use granularity "
+                          "tensor or channel")
     if rule.granularity == "token" and not dynamic:
         raise QGraphError(f"recipe {origin}: {where}.granularity token is a run-time step per token, for activations "
                           "with static: false", "set static: false, or use granularity tensor or channel")

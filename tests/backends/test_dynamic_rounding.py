@@ -69,16 +69,20 @@ lowering: matmulnbits
 """
 
 
-def test_w4a4_lowers_to_rounding_before_matmulnbits(tmp_path, llama_captured):
+@pytest.mark.parametrize("granularity", ["token", "group"])
+def test_w4a4_lowers_to_rounding_before_matmulnbits(tmp_path, llama_captured, granularity):
     path = tmp_path / "w4a4.yaml"
-    path.write_text(W4A4)
+    group = 16  # a token's 64 hidden channels in 4 groups, the 160 MLP channels in 10
+    path.write_text(W4A4 if granularity == "token" else W4A4.replace("granularity: token", f"granularity: group, "
+                                                                                            f"group_size: {group}"))
     compiled = qgraph.compile(llama_captured, str(path), progress=False, verify=True)
     graph = compiled.model.graph
     ops = collections.Counter(n.op_type for n in graph)
     assert ops["MatMulNBits"] == 14
     lowering = next(p for p in compiled.report["passes"] if p["pass"] == "lower_onnx")
-    assert lowering["ops"] == {"MatMulNBits after run-time int4 rounding of its input per token": 14}
-    assert compiled.layers[0]["activation"] == "int4 token sym dynamic clip 0.9"
+    assert lowering["ops"] == {f"MatMulNBits after run-time int4 rounding of its input per {granularity}": 14}
+    assert compiled.layers[0]["activation"] == ("int4 token sym dynamic clip 0.9" if granularity == "token"
+                                                else f"int4 block(axis=-1,size={group}) sym dynamic clip 0.9")
     # One rounding chain per activation tensor: q/k/v share one, gate/up one, o and down their own.
     rounded = {n.inputs[0].name for n in graph if n.op_type == "MatMulNBits"}
     assert len(rounded) == 2 * 4 and all(".dynamic_int4." in name for name in rounded)
@@ -95,7 +99,8 @@ def test_w4a4_lowers_to_rounding_before_matmulnbits(tmp_path, llama_captured):
     names = list(rounded) + inputs
     outs = session_with_outputs(compiled.model, names).run(names, {"input_ids": ids})
     for got, x in zip(outs[: len(rounded)], outs[len(rounded):], strict=True):
-        np.testing.assert_allclose(got, fake_quantize(x, -1, x.shape[-1], 4, symmetric=True, clip=0.9),
+        size = x.shape[-1] if granularity == "token" else group
+        np.testing.assert_allclose(got, fake_quantize(x, -1, size, 4, symmetric=True, clip=0.9),
                                    rtol=1e-5, atol=1e-6 * np.abs(x).max())
     ref = session_from_model(llama_captured.model).run(None, {"input_ids": ids})[0]
     got = session_from_model(compiled.model).run(None, {"input_ids": ids})[0]

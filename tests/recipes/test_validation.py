@@ -126,6 +126,8 @@ CASES = {
     "dynamic per channel": (W4G + "activations: {format: int4, granularity: channel, static: false}\n",
                             ["activations with static: false computes steps at run time per token or per group"],
                             ["use granularity: token"]),
+    "static group activations": (W4G + "activations: {format: int4, granularity: group, group_size: 32}\n",
+                                 ["activations.granularity group is a run-time step per group"], ["set static: false"]),
     "clip on static activations": (W8A8.replace("tensor}", "tensor, clip: 0.9}"),
                                    ["activations.clip applies to dynamic activations"], ["set static: false"]),
     "clip above 1": (W4G + "activations: {format: int4, granularity: token, static: false, clip: 1.5}\n",
