@@ -102,7 +102,9 @@ class KVQuantPass(ir.passes.InPlacePass):
                                      ("value", b.value, b.value.channel_axis, min(o.group_size, b.value.channels))):
                 x = arrays[t.value.name].astype(np.float64)
                 noise = x - fake_quantize(x, axis, g, o.bits)
-                out[(b.name, role)] = round(float(10 * np.log10(np.sum(x**2) / max(np.sum(noise**2), 1e-30))), 2)
+                signal, err = float(np.sum(x**2)), float(np.sum(noise**2))
+                # None: an all-zero tensor (dead heads) or one the rounding left exact; JSON has no inf.
+                out[(b.name, role)] = round(10 * np.log10(signal / err), 2) if signal > 0 and err > 0 else None
         return out
 
     def summary(self) -> dict:
