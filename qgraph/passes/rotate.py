@@ -159,10 +159,13 @@ def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     return add_initializer(graph, key, array)
 
 
-def insert_online_hadamard(graph: ir.Graph, layer: LinearLayer) -> np.ndarray:
-    """y = x H before `layer` (H = A (x) B orthonormal); returns H."""
-    x = layer.node.inputs[0]
-    size = layer.in_features
+def rotate_value(graph: ir.Graph, x: ir.Value, size: int, name: str, before: ir.Node | None = None
+                 ) -> tuple[ir.Value, np.ndarray]:
+    """y = x H on the last axis of `x` (H = A (x) B orthonormal, `size` wide); (y, H).
+
+    The ops go before `before`, or right after x's producer when None. The readers are not rewired:
+    the caller points the ones that should see the rotation at y.
+    """
     try:
         a, b = hadamard_factors(size)
     except ValueError:  # no Hadamard order: a small dense random orthogonal (the caller refuses large ones)
@@ -191,9 +194,19 @@ def insert_online_hadamard(graph: ir.Graph, layer: LinearLayer) -> np.ndarray:
         nodes = [r1, mb, t1, ma, t2, r2]  # X -> A^T X B, read back as x (A (x) B)
         y = r2.outputs[0]
     for i, node in enumerate(nodes):
-        node.name = f"{layer.name}.online_hadamard.{i}"
-    y.name, y.shape, y.type = f"{layer.name}.input_rotated", x.shape, x.type
-    graph.insert_before(layer.node, nodes)
+        node.name = f"{name}.online_hadamard.{i}"
+    y.name, y.shape, y.type = f"{name}.rotated", x.shape, x.type
+    if before is not None:
+        graph.insert_before(before, nodes)
+    else:
+        graph.insert_after(x.producer(), nodes)
+    return y, h
+
+
+def insert_online_hadamard(graph: ir.Graph, layer: LinearLayer) -> np.ndarray:
+    """y = x H before `layer`, which then reads y; returns H (the caller gives the weight H^T)."""
+    y, h = rotate_value(graph, layer.node.inputs[0], layer.in_features, layer.name, layer.node)
+    y.name = f"{layer.name}.input_rotated"
     layer.node.replace_input_with(0, y)
     return h
 
@@ -209,6 +222,8 @@ class RotateOptions:
     r1: bool = option(True, "one orthogonal Q on the residual stream (embedding, writers, readers, lm_head)")
     r2: bool = option(True, "per-head Hadamard on v_proj's output / o_proj's input, offline")
     online_down: bool = option(True, "online Hadamard before each gated MLP's down projection")
+    online_qk: bool = option(False, "online Hadamard on every attention block's queries and keys after RoPE "
+                                    "(Q H (K H)^T = Q K^T), so a quantized KV cache stores rotated keys")
     seed: int = option(0, "seed of the random orthogonal fallback for sizes with no known Hadamard", ge=0)
 
 
@@ -223,6 +238,7 @@ class RotatePass(ir.passes.InPlacePass):
         self.r1: dict = {}
         self.r2: list[str] = []
         self.online: list[str] = []
+        self.online_qk: list[str] = []
         self.untied_bytes = 0
         self.changed = False  # the untie and the norm fold, which R1 does first
         self.refused: list[dict] = []
@@ -245,7 +261,9 @@ class RotatePass(ir.passes.InPlacePass):
                     h = insert_online_hadamard(model.graph, sink)
                     set_linear_weight(model.graph, sink, h.T @ w)  # x H H^T W = x W
                     self.online.append(sink.name)
-        modified = bool(self.changed or self.r1.get("writers") or self.r2 or self.online)
+        if self.options.online_qk:
+            self._qk(model)
+        modified = bool(self.changed or self.r1.get("writers") or self.r2 or self.online or self.online_qk)
         return ir.passes.PassResult(model, modified=modified)
 
     def _r1(self, model: ir.Model) -> None:
@@ -318,8 +336,37 @@ class RotatePass(ir.passes.InPlacePass):
             set_linear_weight(graph, sink, np.kron(np.eye(heads_o), h).T @ weight_array(sink).astype(np.float64))
         self.r2.append(region.name)
 
+    def _qk(self, model: ir.Model) -> None:
+        """Q -> Q H right before Q K^T and K -> K H where the cache would store it (after RoPE, before GQA's repeat)."""
+        from qgraph.ir.attention import find_attention
+
+        blocks, rejected = find_attention(model)
+        self.refused.extend({"candidate": r.candidate, "reason": r.reason} for r in rejected)
+        if not blocks:
+            self.refused.append({"candidate": "online_qk", "reason": "no attention block (softmax(Q K^T) V) in the graph"})
+        graph = model.graph
+        for block in blocks:
+            key, query = block.key, block.scores.inputs[0]
+            size = key.channels
+            if key.channel_axis != key.rank - 1:
+                self.refused.append({"candidate": block.name, "reason": f"the key tensor {key.value.name} keeps its "
+                                     "head channels on another axis than the last, which a MatMul rotates"})
+                continue
+            if factors(size) is None and size > DENSE_LIMIT:
+                self.refused.append({"candidate": block.name, "reason": f"no known Hadamard of order {size} and a "
+                                     "dense online rotation that large is too slow"})
+                continue
+            readers = list(key.value.uses())
+            rotated_key, _ = rotate_value(graph, key.value, size, f"{block.name}.key")
+            for user, index in readers:
+                user.replace_input_with(index, rotated_key)
+            rotated_query, _ = rotate_value(graph, query, size, f"{block.name}.query", before=block.scores)
+            block.scores.replace_input_with(0, rotated_query)
+            self.online_qk.append(block.name)
+
     def summary(self) -> dict:
         return {"r1": self.r1, "r2_regions": len(self.r2), "online_hadamards": len(self.online),
+                "online_qk_blocks": len(self.online_qk),
                 "untied_lm_head_bytes": self.untied_bytes, "refused": self.refused}
 
 

@@ -65,6 +65,32 @@ def test_each_rotation_alone_preserves_logits(llama_captured):
         assert result.modified and verdict.ok, options
 
 
+@pytest.mark.parametrize("hidden, heads, kv", [(64, 4, 2), (96, 4, 2), (80, 5, 5)])
+def test_online_qk_rotates_keys_where_the_cache_holds_them(hidden, heads, kv):
+    # head sizes 16, 24 (= 12 x 2, not a power of two) and 16; GQA (kv < heads) and plain multi-head.
+    from qgraph.ir.attention import find_attention
+
+    model = _llama(hidden, 2 * hidden, heads, kv)
+    p = RotatePass(RotateOptions(r1=False, r2=False, online_down=False, online_qk=True))
+    result, verdict = check_pass(p, model, verification_inputs(128, length=12))
+    assert result.modified and verdict.ok and verdict.relative_error < 1e-5, verdict
+    assert p.summary()["online_qk_blocks"] == 2 and p.refused == []
+    blocks, _ = find_attention(model)
+    # The cached key is now the rotated one (a cache would store K H), before GQA's head repeat.
+    assert all(b.key.value.name.endswith(".key.rotated") for b in blocks)
+    assert all(b.scores.inputs[0].name.endswith(".query.rotated") for b in blocks)
+    assert all(b.key.channels == hidden // heads for b in blocks)
+
+
+def test_online_qk_on_a_graph_without_attention_says_why():
+    x = ir.val("x", ir.DataType.FLOAT, ir.Shape([2, 8]))
+    node = ir.node("Relu", [x], name="relu")
+    model = ir.Model(ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 21}), ir_version=10)
+    p = RotatePass(RotateOptions(r1=False, r2=False, online_down=False, online_qk=True))
+    assert not p(model).modified
+    assert [r["candidate"] for r in p.refused] == ["online_qk"] and "no attention block" in p.refused[0]["reason"]
+
+
 def test_layernorm_encoder_refuses_r1_with_the_reason():
     from qgraph.ir.capture import EncoderHidden
 

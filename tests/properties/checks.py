@@ -21,7 +21,8 @@ from qgraph.ir.regions import find_embeddings, find_linears, find_norms, find_re
 from qgraph.recipes import available, load_recipe
 
 # Passes no shipped recipe runs, checked on their own with w8a8's specs.
-STANDALONE = (("fold_norm_affine", {}), ("shift", {}), ("reorder", {}))
+STANDALONE = (("fold_norm_affine", {}), ("shift", {}), ("reorder", {}), ("disassemble", {"threshold": 2.0, "assemble": False}),
+              ("disassemble", {"threshold": 2.0}))
 
 
 def recipe_chains() -> list[tuple[str, object, tuple[tuple[str, dict], ...]]]:
