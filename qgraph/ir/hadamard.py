@@ -16,7 +16,7 @@ import functools
 
 import numpy as np
 
-# Initializers of online Hadamard factors: fixed rotations, never a linear layer to quantize.
+# Initializers of online Hadamard factors (and flat's learned transforms): never a linear layer to quantize.
 ONLINE_PREFIX = "qgraph.hadamard."
 
 

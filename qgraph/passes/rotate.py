@@ -173,11 +173,25 @@ def rotate_value(graph: ir.Graph, x: ir.Value, size: int, name: str, before: ir.
     if a.shape[0] == 1 and size > DENSE_LIMIT:  # a power of two: split into two Sylvester factors
         half = 1 << (size.bit_length() - 1) // 2
         a, b = hadamard_factors(size // half)[1], hadamard_factors(half)[1]
+    y = kron_transform(graph, x, a, b, name, before, dense=a.shape[0] == 1 or size <= DENSE_LIMIT)
+    return y, np.kron(a, b)
+
+
+def kron_transform(graph: ir.Graph, x: ir.Value, a: np.ndarray, b: np.ndarray, name: str, before: ir.Node | None = None,
+                   *, dense: bool = False, shared: bool = True) -> ir.Value:
+    """y = x (A (x) B) on the last axis of `x`: one MatMul when `dense`, else Reshape/MatMul/Transpose factors.
+
+    shared=True keeps one initializer per size (Hadamards); a learned transform passes False.
+    """
+    size = a.shape[0] * b.shape[0]
     rank = len(x.shape) if x.shape is not None else 3
-    h = np.kron(a, b)
+
+    def const(key: str, array: np.ndarray) -> ir.Value:
+        return _const(graph, key, array) if shared else add_initializer(graph, f"{ONLINE_PREFIX}{name}.{key}", array)
+
     nodes: list[ir.Node] = []
-    if a.shape[0] == 1 or size <= DENSE_LIMIT:
-        mm = ir.node("MatMul", [x, _const(graph, f"{size}", h.astype(np.float32))])
+    if dense:
+        mm = ir.node("MatMul", [x, const(f"{size}", np.kron(a, b).astype(np.float32))])
         nodes.append(mm)
         y = mm.outputs[0]
     else:
@@ -186,21 +200,21 @@ def rotate_value(graph: ir.Graph, x: ir.Value, size: int, name: str, before: ir.
         merge = _const(graph, f"shape.{size}.r{rank}", np.array([0] * (rank - 1) + [size], np.int64))
         swap = list(range(rank - 1)) + [rank, rank - 1]
         r1 = ir.node("Reshape", [x, split])
-        mb = ir.node("MatMul", [r1.outputs[0], _const(graph, f"{p}", b.astype(np.float32))])
+        mb = ir.node("MatMul", [r1.outputs[0], const(f"{p}", b.astype(np.float32))])
         t1 = ir.node("Transpose", [mb.outputs[0]], attributes={"perm": swap})
-        ma = ir.node("MatMul", [t1.outputs[0], _const(graph, f"{m}", a.astype(np.float32))])
+        ma = ir.node("MatMul", [t1.outputs[0], const(f"{m}", a.astype(np.float32))])
         t2 = ir.node("Transpose", [ma.outputs[0]], attributes={"perm": swap})
         r2 = ir.node("Reshape", [t2.outputs[0], merge])
         nodes = [r1, mb, t1, ma, t2, r2]  # X -> A^T X B, read back as x (A (x) B)
         y = r2.outputs[0]
     for i, node in enumerate(nodes):
-        node.name = f"{name}.online_hadamard.{i}"
-    y.name, y.shape, y.type = f"{name}.rotated", x.shape, x.type
+        node.name = f"{name}.online_hadamard.{i}" if shared else f"{name}.online_transform.{i}"
+    y.name, y.shape, y.type = f"{name}.rotated" if shared else f"{name}.transformed", x.shape, x.type
     if before is not None:
         graph.insert_before(before, nodes)
     else:
         graph.insert_after(x.producer(), nodes)
-    return y, h
+    return y
 
 
 def insert_online_hadamard(graph: ir.Graph, layer: LinearLayer) -> np.ndarray:

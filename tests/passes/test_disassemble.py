@@ -118,3 +118,30 @@ def test_round_activation_follows_the_spec():
     token = activation_spec(load_recipe("w4a4-rot").blocks.activations)
     y = round_activation(x, token)
     assert len(np.unique(y[0])) <= 16 and not np.array_equal(y, x)
+
+
+def test_an_encoder_without_gated_mlp_is_left_alone_with_the_reason():
+    from tests.conftest import tiny_bert_affine
+
+    model = tiny_bert_affine()
+    p = ChannelDisassemblyPass(_windows(), DisassembleOptions(threshold=2.0, assemble=False), progress=False)
+    _, verdict = check_pass(p, model, verification_inputs(200, length=12))
+    assert verdict.ok and verdict.relative_error == 0  # BERT's MLP is Gelu(fc1) -> fc2: no gated product to split
+    assert "no gated MLP" in p.summary()["reason"]
+
+
+@pytest.mark.slow
+def test_disassembly_of_smollm2_is_exact():
+    from tests.conftest import have_smollm2
+
+    if not have_smollm2():
+        pytest.skip("SmolLM2 package not installed")
+    captured = qgraph.load(progress=False)
+    ids = np.random.default_rng(0).integers(0, 49152, size=(2, 64), dtype=np.int64)
+    r = load_recipe("w8a8")
+    p = ChannelDisassemblyPass(TokenWindows(ids, 0, "random"), DisassembleOptions(threshold=8.0, assemble=False),
+                               weight_spec=weight_spec(r.blocks.weights),
+                               activation_spec=activation_spec(r.blocks.activations), progress=False)
+    _, verdict = check_pass(p, captured.model.clone(), verification_inputs(49152, length=64))
+    assert verdict.ok and verdict.relative_error < 1e-5, verdict
+    assert p.summary()["regions_split"] > 0

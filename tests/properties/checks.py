@@ -22,7 +22,7 @@ from qgraph.recipes import available, load_recipe
 
 # Passes no shipped recipe runs, checked on their own with w8a8's specs.
 STANDALONE = (("fold_norm_affine", {}), ("shift", {}), ("reorder", {}), ("disassemble", {"threshold": 2.0, "assemble": False}),
-              ("disassemble", {"threshold": 2.0}))
+              ("disassemble", {"threshold": 2.0}), ("flat", {"steps": 2}))
 
 
 def recipe_chains() -> list[tuple[str, object, tuple[tuple[str, dict], ...]]]:
