@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import pytest
 
 from qgraph.eval.verify import check_pass, verification_inputs
 from qgraph.ir.hadamard import hadamard
@@ -64,3 +65,21 @@ def test_token_rounding_has_at_most_sixteen_levels_per_row():
     y = round_activation_torch(x, spec)
     assert all(len(torch.unique(row)) <= 16 for row in y) and not torch.equal(x, y)
     assert y.requires_grad is False or y.grad_fn is not None
+
+
+@pytest.mark.slow
+def test_flat_on_smollm2_is_exact():
+    import qgraph
+    from qgraph.calib.data import TokenWindows
+    from tests.conftest import have_smollm2
+
+    if not have_smollm2():
+        pytest.skip("SmolLM2 package not installed")
+    captured = qgraph.load(progress=False)
+    r = load_recipe("w4a4-flat")
+    ids = np.random.default_rng(0).integers(0, 49152, size=(2, 64), dtype=np.int64)
+    p = FlatTransformPass(TokenWindows(ids, 0, "random"), FlatOptions(steps=3), weight_spec=weight_spec(r.blocks.weights),
+                          activation_spec=activation_spec(r.blocks.activations), progress=False)
+    _, verdict = check_pass(p, captured.model.clone(), verification_inputs(49152, length=64))
+    assert verdict.ok and verdict.relative_error < 1e-5, verdict
+    assert len(p.summary()["inputs"]) == 120  # 30 blocks: q/k/v, o, gate/up, down
