@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import qgraph
-from qgraph.backends.dynamic_rounding import fake_quantize, insert_rounding
+from qgraph.backends.dynamic_rounding import TINY_STEP, fake_quantize, insert_rounding
 from qgraph.backends.onnx_qdq import session_from_model, session_with_outputs
 
 
@@ -24,7 +24,8 @@ def test_symmetric_rounding_codes_and_error(x, group, bits, clip):
     qmax = 2 ** (bits - 1) - 1
     for start in range(0, x.shape[-1], group):
         xg, yg = x[:, start:start + group], y[:, start:start + group]
-        step = np.abs(xg).max(axis=-1, keepdims=True) * np.float32(clip) / qmax
+        # The step is floored at TINY_STEP (an all-zero or subnormal group rounds to itself, no 0 / 0).
+        step = np.maximum(np.abs(xg).max(axis=-1, keepdims=True) * np.float32(clip) / qmax, TINY_STEP)
         codes = np.divide(yg, step, out=np.zeros_like(yg), where=step > 0)
         assert np.all(np.abs(codes - np.round(codes)) < 1e-3)
         assert np.round(codes).min() >= -qmax - 1 and np.round(codes).max() <= qmax
