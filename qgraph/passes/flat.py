@@ -17,9 +17,10 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.calib.fake_quant import round_activation_torch, round_weight_torch
 from qgraph.calib.stats import collect_stats
 from qgraph.ir.hadamard import hadamard, random_orthogonal
-from qgraph.ir.qspec import FORMATS, QuantSpec
+from qgraph.ir.qspec import QuantSpec
 from qgraph.ir.regions import LinearLayer, find_linears, weight_array
 from qgraph.ir.rewrite import set_linear_weight
 from qgraph.options import option
@@ -50,64 +51,6 @@ def _start(size: int, seed: int) -> np.ndarray:
         return hadamard(size)
     except ValueError:
         return random_orthogonal(size, seed)
-
-
-def _ste(x, step, lo, hi, zero=None):
-    """Round x / step to the grid [lo, hi] (around zero point `zero`) with a straight-through gradient."""
-    import torch
-
-    z = 0.0 if zero is None else zero
-    q = torch.clamp(torch.round(x / step) + z, lo, hi)
-    y = (q - z) * step
-    return x + (y - x).detach()
-
-
-def _grid(spec: QuantSpec) -> tuple[float, float]:
-    _, _, qmin, qmax = FORMATS[spec.format]
-    return float(qmin), float(qmax)
-
-
-def _round_groups(x, groups: int, spec: QuantSpec, clip: float = 1.0):
-    """Rows of x [r, C] rounded in `groups` equal groups of its last axis, each with its own step."""
-    import torch
-
-    r, c = x.shape
-    g = x.reshape(r, groups, c // groups)
-    lo, hi = _grid(spec)
-    if spec.symmetric:
-        qmax = hi if not spec.full_range else -lo
-        step = torch.clamp(g.abs().amax(dim=-1, keepdim=True) * clip / qmax, min=1e-12).detach()
-        return _ste(g, step, lo, hi).reshape(r, c)
-    mn, mx = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
-    step = torch.clamp((mx - mn) / (hi - lo), min=1e-12).detach()
-    zero = (lo - torch.round(mn / step)).detach()
-    return _ste(g, step, lo, hi, zero).reshape(r, c)
-
-
-def round_activation_torch(x, spec: QuantSpec | None):
-    """The recipe's activation rounding of samples x [n, C] (static ranges from x itself)."""
-    if spec is None or spec.is_float:
-        return x
-    c = x.shape[1]
-    if spec.granularity == "token":
-        return _round_groups(x, 1, spec, spec.clip)
-    if spec.granularity == "block":
-        return _round_groups(x, c // spec.block_size, spec, spec.clip) if c % spec.block_size == 0 else x
-    if spec.granularity == "channel":
-        return _round_groups(x.T.contiguous(), 1, spec).T
-    return _round_groups(x.reshape(1, -1), 1, spec).reshape(x.shape)
-
-
-def round_weight_torch(w, spec: QuantSpec | None):
-    """The recipe's weight rounding of the logical weight w [in, out]."""
-    if spec is None or spec.is_float:
-        return w
-    k, n = w.shape
-    if spec.granularity == "channel":  # a step per output column
-        return _round_groups(w.T.contiguous(), 1, spec).T
-    if spec.granularity == "block" and k % spec.block_size == 0:  # groups along the inputs
-        return _round_groups(w.T.contiguous(), k // spec.block_size, spec).T
-    return _round_groups(w.reshape(1, -1), 1, spec).reshape(w.shape)
 
 
 def train_transform(x: np.ndarray, w: np.ndarray, a0: np.ndarray, b0: np.ndarray, activation: QuantSpec | None,

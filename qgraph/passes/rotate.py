@@ -239,6 +239,10 @@ class RotateOptions:
     online_qk: bool = option(False, "online Hadamard on every attention block's queries and keys after RoPE "
                                     "(Q H (K H)^T = Q K^T), so a quantized KV cache stores rotated keys")
     seed: int = option(0, "seed of the random orthogonal fallback for sizes with no known Hadamard", ge=0)
+    spin_steps: int = option(0, "SpinQuant: Cayley SGD steps that learn R1 and R2 from the Hadamard on the recipe's "
+                                "activation rounding over calibration samples (0: keep the Hadamard)", ge=0)
+    spin_lr: float = option(0.05, "angle of the first Cayley step (it decays linearly to 0)", gt=0)
+    spin_tokens: int = option(256, "calibration tokens per rotated input that the SpinQuant loss is measured on", ge=1)
 
 
 class RotatePass(ir.passes.InPlacePass):
@@ -246,9 +250,13 @@ class RotatePass(ir.passes.InPlacePass):
 
     function_preserving = True
 
-    def __init__(self, options: RotateOptions = RotateOptions()):
+    def __init__(self, options: RotateOptions = RotateOptions(), *, windows=None, activation_spec=None,
+                 progress: bool = True):
         super().__init__()
         self.options = options
+        self.windows, self.activation_spec, self.progress = windows, activation_spec, progress
+        self.spin: dict = {}
+        self._samples: dict = {}  # value name -> calibration token rows, for the SpinQuant loss
         self.r1: dict = {}
         self.r2: list[str] = []
         self.online: list[str] = []
@@ -263,7 +271,7 @@ class RotatePass(ir.passes.InPlacePass):
         regions, _ = find_regions(model)
         if self.options.r2:
             for region in (r for r in regions if r.kind == "v->o"):
-                self._r2(model.graph, region)
+                self._r2(model, region)
         if self.options.online_down:
             for region in (r for r in regions if r.kind == "up->down"):
                 for sink in region.sinks:
@@ -315,6 +323,18 @@ class RotatePass(ir.passes.InPlacePass):
             readers.extend(region.sinks)
         size = stream.gather.inputs[0].shape[1]
         q, kind = orthogonal(int(size), self.options.seed)
+        if self._spin_ready():
+            # R2's o_proj inputs do not change under R1: they are sampled in the same calibration run.
+            o_inputs = [s.node.inputs[0].name for r in regions if r.kind == "v->o" and self.options.r2 for s in r.sinks]
+            groups: dict[str, list[LinearLayer]] = {}
+            for layer in readers:
+                if layer.role == "block":
+                    groups.setdefault(layer.node.inputs[0].name, []).append(layer)
+            self._sample(model, list(groups) + o_inputs)
+            terms = [_term(self._samples[name], layers) for name, layers in groups.items()]
+            q, before, after = self._learn(terms, q, blocks=1)
+            kind += f" learned by {self.options.spin_steps} Cayley SGD steps (SpinQuant)"
+            self.spin["r1"] = {"inputs": len(terms), "error_start": round(before, 6), "error_learned": round(after, 6)}
         table = stream.gather.inputs[0].const_value.numpy().astype(np.float64)
         set_constant_input(graph, stream.gather, 0, table @ q, suffix="rotated")
         for layer, bias, bias_node in stream.writers:
@@ -327,7 +347,8 @@ class RotatePass(ir.passes.InPlacePass):
         self.r1 = {"size": int(size), "matrix": kind, "writers": len(stream.writers), "readers": len(readers),
                    "norms": len(stream.norms)}
 
-    def _r2(self, graph: ir.Graph, region: Region) -> None:
+    def _r2(self, model: ir.Model, region: Region) -> None:
+        graph = model.graph
         head_dim = _head_dim(region)
         if head_dim is None:
             self.refused.append({"candidate": region.name, "reason": "no Reshape on the v -> o path names the head size"})
@@ -341,6 +362,14 @@ class RotatePass(ir.passes.InPlacePass):
         (source,) = region.sources
         v = source.linear
         heads_v, heads_o = region.channels // head_dim, len(index) // head_dim
+        if self._spin_ready():
+            names = [sink.node.inputs[0].name for sink in region.sinks]
+            if any(name not in self._samples for name in names):
+                self._sample(model, names)
+            terms = [_term(self._samples[sink.node.inputs[0].name], [sink]) for sink in region.sinks]
+            h, before, after = self._learn(terms, h, blocks=heads_o)
+            self.spin.setdefault("r2", []).append({"region": region.name, "error_start": round(before, 6),
+                                                   "error_learned": round(after, 6)})
         set_linear_weight(graph, v, weight_array(v).astype(np.float64) @ np.kron(np.eye(heads_v), h))
         if source.bias is not None:
             b = source.bias.const_value.numpy().astype(np.float64).reshape(-1)
@@ -378,10 +407,45 @@ class RotatePass(ir.passes.InPlacePass):
             block.scores.replace_input_with(0, rotated_query)
             self.online_qk.append(block.name)
 
+    # SpinQuant ---------------------------------------------------------------------------------
+
+    def _spin_ready(self) -> bool:
+        """Whether R1/R2 are learned; a recipe with float activations has nothing to learn them on (reported)."""
+        if not self.options.spin_steps:
+            return False
+        spec = self.activation_spec
+        if spec is None or spec.is_float or self.windows is None:
+            if not any(r["candidate"] == "spin_steps" for r in self.refused):
+                why = "the recipe quantizes no activations" if self.windows is not None else "no calibration data"
+                self.refused.append({"candidate": "spin_steps", "reason": f"{why}: the SpinQuant loss rounds the "
+                                     "rotated activations, so the Hadamard is kept"})
+            return False
+        return True
+
+    def _sample(self, model: ir.Model, names: list[str]) -> None:
+        from qgraph.calib.stats import collect_stats
+
+        stats = collect_stats(model, names, self.windows, progress=self.progress, sample_tokens=self.options.spin_tokens)
+        self._samples.update({name: s.sample_rows for name, s in stats.items()})
+
+    def _learn(self, terms: list, r0: np.ndarray, blocks: int) -> tuple[np.ndarray, float, float]:
+        from qgraph.calib.cayley import learn_rotation
+
+        o = self.options
+        return learn_rotation(terms, r0, self.activation_spec, blocks=blocks, steps=o.spin_steps, lr=o.spin_lr)
+
     def summary(self) -> dict:
         return {"r1": self.r1, "r2_regions": len(self.r2), "online_hadamards": len(self.online),
-                "online_qk_blocks": len(self.online_qk),
+                "online_qk_blocks": len(self.online_qk), "spin": self.spin,
                 "untied_lm_head_bytes": self.untied_bytes, "refused": self.refused}
+
+
+def _term(rows: np.ndarray, layers: list[LinearLayer]):
+    """A SpinQuant loss term: the token rows a linear group reads and G = W W^T of its concatenated weights."""
+    from qgraph.calib.cayley import RotationTerm
+
+    w = np.concatenate([weight_array(layer).astype(np.float64) for layer in layers], axis=1)
+    return RotationTerm(rows, w @ w.T)
 
 
 def _head_dim(region: Region) -> int | None:
@@ -397,5 +461,5 @@ def _head_dim(region: Region) -> int | None:
 
 @register("rotate", RotateOptions, help="QuaRot R1 (residual stream), R2 (per head) and online Hadamard before down_proj")
 def build(options: RotateOptions, ctx: PassContext) -> RotatePass:
-    """The rotation for a recipe (data-free: no calibration)."""
-    return RotatePass(options)
+    """The rotation for a recipe (data-free unless spin_steps learns it on calibration data)."""
+    return RotatePass(options, windows=ctx.windows, activation_spec=ctx.activation_spec, progress=ctx.progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 import torch
@@ -152,3 +153,36 @@ def test_r1_rotates_a_gemm_writers_bias():
     p = RotatePass(RotateOptions(r2=False, online_down=False))
     _, verdict = check_pass(p, model, verification_inputs(32, length=8))
     assert verdict.ok and p.summary()["r1"]["writers"] == 1, verdict
+
+
+def _spin(steps: int, activations: bool = True) -> RotatePass:
+    from qgraph.passes.annotate import activation_spec
+    from qgraph.recipes import load_recipe
+    from qgraph.calib.data import TokenWindows
+
+    windows = TokenWindows(np.random.default_rng(5).integers(0, 128, size=(8, 12), dtype=np.int64), 0, "random")
+    spec = activation_spec(load_recipe("w4a4-rot").blocks.activations) if activations else None
+    return RotatePass(RotateOptions(spin_steps=steps, spin_lr=0.1, spin_tokens=64), windows=windows,
+                      activation_spec=spec, progress=False)
+
+
+def test_spinquant_rotations_are_exact_in_float_and_lower_the_4bit_error():
+    model = _llama(48, 96, 4, 2)  # 48 = 12 x 4 and head 12: Paley Hadamards as the start
+    p = _spin(8)
+    result, verdict = check_pass(p, model, verification_inputs(128, length=12))
+    assert result.modified and verdict.ok and verdict.relative_error < 1e-5
+    spin = p.summary()["spin"]
+    # q/k/v and gate/up read the two norms of each of the 2 layers; lm_head is not a block linear.
+    assert spin["r1"]["inputs"] == 4 and len(spin["r2"]) == 2
+    for part in [spin["r1"], *spin["r2"]]:
+        assert 0 < part["error_learned"] <= part["error_start"]
+    assert "SpinQuant" in p.summary()["r1"]["matrix"]
+
+
+def test_spinquant_without_quantized_activations_keeps_the_hadamard_and_says_why():
+    model = _llama(48, 96, 4, 2)
+    p = _spin(8, activations=False)
+    p(model)
+    s = p.summary()
+    assert s["spin"] == {} and s["r1"]["matrix"] == "hadamard"
+    assert any(r["candidate"] == "spin_steps" and "quantizes no activations" in r["reason"] for r in s["refused"])
