@@ -36,6 +36,8 @@ class FlatOptions:
     lr: float = option(2e-3, "Adam learning rate on the Kronecker factors", gt=0)
     sample_tokens: int = option(256, "calibration tokens per input the loss is measured on", ge=1)
     seed: int = option(0, "seed of the random orthogonal start for factor sizes with no known Hadamard", ge=0)
+    step_gradient: bool = option(False, "let the gradient reach the activation step through max|x| (LSQ's form), "
+                                        "so narrowing a token's range is rewarded; off: the step is a constant")
 
 
 def kron_sizes(size: int) -> tuple[int, int]:
@@ -54,7 +56,8 @@ def _start(size: int, seed: int) -> np.ndarray:
 
 
 def train_transform(x: np.ndarray, w: np.ndarray, a0: np.ndarray, b0: np.ndarray, activation: QuantSpec | None,
-                    weight: QuantSpec | None, steps: int, lr: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+                    weight: QuantSpec | None, steps: int, lr: float,
+                    step_gradient: bool = False) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Kronecker factors (A, B) minimising the quantized output error of x [n, C] @ w [C, N]; errors before and after."""
     import torch
 
@@ -72,7 +75,7 @@ def train_transform(x: np.ndarray, w: np.ndarray, a0: np.ndarray, b0: np.ndarray
         xp = torch.einsum("nij,ik,jl->nkl", xt.reshape(n, ma, mb), a, b).reshape(n, c)  # x (A (x) B)
         wp = torch.einsum("ki,lj,ijo->klo", torch.linalg.inv(a), torch.linalg.inv(b),
                           wt.reshape(ma, mb, -1)).reshape(c, -1)  # (A (x) B)^-1 W
-        out = round_activation_torch(xp, activation) @ round_weight_torch(wp, weight)
+        out = round_activation_torch(xp, activation, step_gradient) @ round_weight_torch(wp, weight)
         return (out - ref).pow(2).mean() / scale
 
     opt = torch.optim.Adam([a, b], lr=lr)
@@ -129,7 +132,7 @@ class FlatTransformPass(ir.passes.InPlacePass):
             ma, mb = kron_sizes(size)
             w = np.concatenate([weight_array(layer) for layer in layers], axis=1)
             a, b, before, after = train_transform(stats[x.name].sample_rows, w, _start(ma, o.seed), _start(mb, o.seed),
-                                                  self.activation_spec, self.weight_spec, o.steps, o.lr)
+                                                  self.activation_spec, self.weight_spec, o.steps, o.lr, o.step_gradient)
             inv = np.kron(np.linalg.inv(a), np.linalg.inv(b))
             for layer in layers:
                 set_linear_weight(graph, layer, inv @ weight_array(layer).astype(np.float64))

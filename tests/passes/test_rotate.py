@@ -156,9 +156,9 @@ def test_r1_rotates_a_gemm_writers_bias():
 
 
 def _spin(steps: int, activations: bool = True) -> RotatePass:
+    from qgraph.calib.data import TokenWindows
     from qgraph.passes.annotate import activation_spec
     from qgraph.recipes import load_recipe
-    from qgraph.calib.data import TokenWindows
 
     windows = TokenWindows(np.random.default_rng(5).integers(0, 128, size=(8, 12), dtype=np.int64), 0, "random")
     spec = activation_spec(load_recipe("w4a4-rot").blocks.activations) if activations else None

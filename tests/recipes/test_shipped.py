@@ -7,8 +7,9 @@ registry now types as float (qsm split_threshold 8 -> 8.0) compares equal, as it
 Recipes added later (fp32-rot, w4a8-rot, kv4, kv2, w4a8-rot-kv4, w4a4-rot) were added to the file
 by `write()`; every older entry unchanged. Since then recipes carry `int8_kernel` (default u8u8),
 tensor rules and QuantSpecs a `clip` (default 1.0), and passes start with empty result attributes
-(clipped / rounded / reason ...) that say why they changed nothing; each was added after checking every
-other value was unchanged.
+(clipped / rounded / reason ...) that say why they changed nothing, and rotate the SpinQuant options
+(spin_steps 0 keeps the Hadamard); each was added after checking every other value was unchanged.
+Private attributes (a leading underscore: scratch state such as calibration samples) are not recorded.
 After an intended change to a recipe or a pass default, rewrite the file with
 `python -c "from tests.recipes.test_shipped import write; write()"`.
 """
@@ -38,7 +39,8 @@ def _plain(v):
 
 
 def _attrs(p) -> dict:
-    return {"type": type(p).__name__, **{k: _plain(v) for k, v in sorted(vars(p).items()) if k != "windows"}}
+    kept = {k: v for k, v in sorted(vars(p).items()) if k != "windows" and not k.startswith("_")}
+    return {"type": type(p).__name__, **{k: _plain(v) for k, v in kept.items()}}
 
 
 def snapshot() -> dict:
