@@ -47,7 +47,7 @@ TVM_RECIPES = ["fp32", "w8a8", "w4a16", "w4a8-smooth"]
 QGRAPH_RECIPES = ["w8a8", "w8a8-smooth", "w8a8-qsm", "w4a8-qsm", "w4a8-smooth", "w4a16", "w4a16-awq", "fp8", "fp4",
                   "fp4-noreparam", "fp32-rot", "w4a8-rot", "tools/recipes/w4a8-norot.yaml", "w4a4-rot",
                   "tools/recipes/w4a4-norot.yaml", "kv4", "kv2", "tools/recipes/kv4-qk.yaml", "tools/recipes/kv2-qk.yaml",
-                  "w4a8-rot-kv4", "w8a8-qllm"]
+                  "w4a8-rot-kv4", "w8a8-qllm", "w4a4-flat", "w4a4-spin"]
 
 
 def qgraph_cli(*args: str) -> None:
