@@ -9,10 +9,11 @@
 
 from qgraph.api import CalibConfig, CompiledModel, Runner, bench, compile, evaluate, load, open_runner
 from qgraph.errors import QGraphError
+from qgraph.generate import generate
 from qgraph.ir.qspec import QuantSpec
 from qgraph.recipes import Recipe, load_recipe
 
 __all__ = [
     "CalibConfig", "CompiledModel", "QGraphError", "QuantSpec", "Recipe", "Runner",
-    "bench", "compile", "evaluate", "load", "load_recipe", "open_runner",
+    "bench", "compile", "evaluate", "generate", "load", "load_recipe", "open_runner",
 ]

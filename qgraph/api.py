@@ -26,15 +26,18 @@ __all__ = ["CalibConfig", "CompiledModel", "Runner", "bench", "compile", "evalua
 
 
 def load(
-    source: Any = None, example_inputs: tuple | None = None, *, progress: bool = True, export: bool = True
+    source: Any = None, example_inputs: tuple | None = None, *, progress: bool = True, export: bool = True,
+    kv_cache: bool = False,
 ) -> CapturedModel:
     """Capture a model into an onnx_ir graph (nn.Module, HF dir, .gguf, .onnx; None = SmolLM2).
 
     export=False loads a torch/HF/GGUF model without exporting it yet (`.exported()` does it).
+    kv_cache=True captures a causal LM as a decoder step with past/present key-values (what
+    `qgraph generate` and onnxruntime-genai run) instead of the logits-only graph.
     """
     from qgraph.ir.capture import load as _load
 
-    return _load(source, example_inputs, progress=progress, export=export)
+    return _load(source, example_inputs, progress=progress, export=export, kv_cache=kv_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,11 +278,13 @@ class Runner:
 
     @classmethod
     def from_session(cls, session, tokenizer, name: str) -> Runner:
-        input_name = session.get_inputs()[0].name
+        from qgraph.ir.feeds import token_feeds
+
+        inputs, logits = session.get_inputs(), session.get_outputs()[0].name
         vocab = session.get_outputs()[0].shape[-1]
 
         def forward(ids: np.ndarray) -> np.ndarray:
-            return session.run(None, {input_name: ids})[0]
+            return session.run([logits], token_feeds(inputs, ids))[0]
 
         return cls(forward, tokenizer, name, "onnxruntime", vocab if isinstance(vocab, int) else 1000)
 

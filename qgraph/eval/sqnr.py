@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
+from qgraph.ir.feeds import token_feeds
 
 
 def _layer_outputs(model: ir.Model, layers: list[str]) -> dict[str, str]:
@@ -36,9 +37,8 @@ def layer_sqnr(float_model: ir.Model, quant_model: ir.Model, layers: list[str], 
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
     for row in windows.ids[:max_windows]:
-        ids = {f_sess.get_inputs()[0].name: row[None, :]}
-        ys = f_sess.run([f_out[n] for n in names], ids)
-        yq = q_sess.run([q_out[n] for n in names], ids)
+        ys = f_sess.run([f_out[n] for n in names], token_feeds(f_sess.get_inputs(), row[None, :]))
+        yq = q_sess.run([q_out[n] for n in names], token_feeds(q_sess.get_inputs(), row[None, :]))
         for n, y, q in zip(names, ys, yq, strict=True):
             if y.shape != q.shape:  # widened by split_channels: no channel-for-channel match
                 signal[n] = noise[n] = float("nan")

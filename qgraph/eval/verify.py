@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.errors import QGraphError
+from qgraph.ir.feeds import token_feeds
 
 DEFAULT_TOLERANCE = 1e-5
 
@@ -41,8 +42,8 @@ def run_float(model: ir.Model, inputs: list[np.ndarray]) -> list[np.ndarray]:
     from qgraph.backends.onnx_qdq import session_from_model
 
     session = session_from_model(model, threads=1, optimize=False)
-    name = session.get_inputs()[0].name
-    return [session.run(None, {name: x})[0] for x in inputs]
+    first = session.get_outputs()[0].name
+    return [session.run([first], token_feeds(session.get_inputs(), x))[0] for x in inputs]
 
 
 def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:

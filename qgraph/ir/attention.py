@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ir.feeds import token_feeds
 from qgraph.ir.regions import Rejection
 
 LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity"}
@@ -178,6 +179,7 @@ def _ort_probe(model: ir.Model, names: list[str], length: int) -> dict[str, tupl
         dims = [d if isinstance(d, int) else (length if i == 1 else 1) for i, d in enumerate(v.shape or [])]
         dtype = v.dtype.numpy() if v.dtype is not None else np.float32
         feeds[v.name] = np.ones(dims, dtype=dtype)  # token id 1, an all-ones mask, or unit floats
+    feeds.update(token_feeds(model.graph.inputs, feeds[model.graph.inputs[0].name]))  # a KV graph: mask, positions, empty past
     session = session_with_outputs(model, names, threads=1, optimize=False)
     outs = session.run(names, feeds)
     return {n: tuple(int(d) for d in a.shape) for n, a in zip(names, outs, strict=True)}

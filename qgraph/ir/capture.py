@@ -37,8 +37,11 @@ class CapturedModel:
         """This model with its graph: exports the torch module if it was loaded with export=False."""
         if self.model is not None:
             return self
-        example = torch.arange(3, 19, dtype=torch.int64).reshape(1, 16) % _vocab_size(self.torch_module)
-        model = export_module(self.torch_module, (example,), progress=progress, dynamic_seq=True)
+        if isinstance(self.torch_module, CausalLMWithCache):
+            model = export_with_cache(self.torch_module, progress=progress)
+        else:
+            example = torch.arange(3, 19, dtype=torch.int64).reshape(1, 16) % _vocab_size(self.torch_module)
+            model = export_module(self.torch_module, (example,), progress=progress, dynamic_seq=True)
         return dataclasses.replace(self, model=model)
 
     @property
@@ -78,13 +81,20 @@ def default_model_location() -> tuple[Path, str]:
 
 
 def load(
-    source: Any = None, example_inputs: tuple | None = None, *, progress: bool = True, export: bool = True
+    source: Any = None, example_inputs: tuple | None = None, *, progress: bool = True, export: bool = True,
+    kv_cache: bool = False,
 ) -> CapturedModel:
     """Capture a model: nn.Module (+ example inputs), HF dir, .gguf, .onnx, or None for the default.
 
     With export=False a torch/HF/GGUF source is loaded but not exported (model is None): enough
-    for a torch reference run.
+    for a torch reference run. kv_cache=True captures a causal LM as a decoder step with past and
+    present key/values (`CausalLMWithCache`) instead of the logits-only graph.
     """
+    if kv_cache and isinstance(source, torch.nn.Module) and not isinstance(source, CausalLMWithCache):
+        source = CausalLMWithCache(source)  # a transformers causal LM module
+    if isinstance(source, CausalLMWithCache):
+        captured = CapturedModel(None, None, {"kind": "torch", "class": type(source.net).__name__, "kv_cache": True}, source)
+        return captured.exported(progress=progress) if export else captured
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise QGraphError(
@@ -97,7 +107,7 @@ def load(
         return CapturedModel(source, None, {"kind": "onnx_ir"})
     if source is None:
         directory, gguf = default_model_location()
-        return _load_transformers(directory, gguf, progress=progress, export=export, default=True)
+        return _load_transformers(directory, gguf, progress=progress, export=export, default=True, kv_cache=kv_cache)
     path = Path(source)
     if not path.exists():
         path = alias_location(str(source)) or path
@@ -110,15 +120,15 @@ def load(
     if path.is_file() and path.suffix == ".onnx":
         return load_onnx(path)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_transformers(path.parent, path.name, progress=progress, export=export)
+        return _load_transformers(path.parent, path.name, progress=progress, export=export, kv_cache=kv_cache)
     if path.is_dir():
         if (path / "model.onnx").exists() and (path / MANIFEST).exists():
             return load_onnx(path / "model.onnx")
         if (path / "config.json").exists():
-            return _load_transformers(path, None, progress=progress, export=export)
+            return _load_transformers(path, None, progress=progress, export=export, kv_cache=kv_cache)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _load_transformers(path, ggufs[0].name, progress=progress, export=export)
+            return _load_transformers(path, ggufs[0].name, progress=progress, export=export, kv_cache=kv_cache)
         if len(ggufs) > 1:
             raise QGraphError(
                 f"directory {str(path)!r} holds {len(ggufs)} .gguf files",
@@ -179,7 +189,8 @@ def load_tokenizer(directory: Path, gguf_file: str | None = None) -> Any:
 
 
 def _load_transformers(
-    directory: Path, gguf_file: str | None, *, progress: bool, export: bool = True, default: bool = False
+    directory: Path, gguf_file: str | None, *, progress: bool, export: bool = True, default: bool = False,
+    kv_cache: bool = False,
 ) -> CapturedModel:
     import transformers
     from transformers import AutoConfig
@@ -215,6 +226,9 @@ def _load_transformers(
             "qgraph captures transformers causal LMs and encoders",
         ) from None
     module.eval()
+    if kv_cache and not is_causal:
+        raise QGraphError(f"a KV cache applies to causal LMs; {str(directory)!r} is an encoder ({config.model_type})",
+                          "drop --kv-cache")
     if hasattr(module.config, "use_cache"):
         module.config.use_cache = False
     tokenizer = load_tokenizer(directory, gguf_file)
@@ -226,7 +240,9 @@ def _load_transformers(
         "architecture": archs[0] if archs else type(module).__name__,
         "task": "causal-lm" if is_causal else "encoder",
     }
-    wrapper = CausalLMLogits(module) if is_causal else EncoderHidden(module)
+    if kv_cache:
+        source["kv_cache"] = True
+    wrapper = (CausalLMWithCache if kv_cache else CausalLMLogits)(module) if is_causal else EncoderHidden(module)
     captured = CapturedModel(None, tokenizer, source, wrapper)
     return captured.exported(progress=progress) if export else captured
 
@@ -254,6 +270,65 @@ class CausalLMLogits(torch.nn.Module):
         return self.net(input_ids=input_ids, use_cache=False).logits
 
 
+class CausalLMWithCache(torch.nn.Module):
+    """One decoder step with a KV cache, in onnxruntime-genai's names.
+
+    Inputs input_ids [batch, seq], attention_mask [batch, past + seq], position_ids [batch, seq] and
+    past_key_values.N.key / .value [batch, kv_heads, past, head_dim]; outputs logits and
+    present.N.key / .value [batch, kv_heads, past + seq, head_dim]. The same graph runs a prompt
+    (past 0: the logits graph's function, so calibration and perplexity feed it ids only) and every
+    generated token.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+        c = net.config
+        self.layers = int(c.num_hidden_layers)
+        self.kv_heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+        self.head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "position_ids",
+                *(f"past_key_values.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value"))]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", *(f"present.{i}.{kv}" for i in range(self.layers) for kv in ("key", "value"))]
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.net.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.net(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True)
+        layers = out.past_key_values.layers
+        return (out.logits, *(t for layer in layers[: self.layers] for t in (layer.keys, layer.values)))
+
+
+def export_with_cache(module: CausalLMWithCache, *, progress: bool = True) -> ir.Model:
+    """The decoder-step graph with dynamic batch, sequence and past length.
+
+    The example has batch 2, 5 new tokens and 3 cached ones: sizes other than 0 and 1, which
+    torch.export would specialise, so every axis stays symbolic (a past of 0 runs too).
+    """
+    batch, seq, past = 2, 5, 3
+    ids = torch.arange(3, 3 + batch * seq, dtype=torch.int64).reshape(batch, seq) % _vocab_size(module)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    positions = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq)
+    g = torch.Generator().manual_seed(0)
+    cache = tuple(torch.randn(batch, module.kv_heads, past, module.head_dim, generator=g) for _ in range(2 * module.layers))
+    b, s, p = (torch.export.Dim(n, max=m) for n, m in (("batch", 1024), ("seq", 8192), ("past", 8192)))
+    total = torch.export.Dim("total", max=16384)
+    dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: total}, "position_ids": {0: b, 1: s},
+               "past": tuple({0: b, 2: p} for _ in cache)}
+    return export_module(module, (ids, mask, positions, *cache), progress=progress, dynamic_shapes=dynamic,
+                         input_names=module.input_names, output_names=module.output_names)
+
+
 class EncoderHidden(torch.nn.Module):
     """Last hidden state of an encoder: one input, one output."""
 
@@ -265,13 +340,17 @@ class EncoderHidden(torch.nn.Module):
         return self.net(input_ids=input_ids).last_hidden_state
 
 
-def export_module(module, example_inputs: tuple, *, progress: bool = True, dynamic_seq: bool = False) -> ir.Model:
+def export_module(module, example_inputs: tuple, *, progress: bool = True, dynamic_seq: bool = False,
+                  dynamic_shapes=None, input_names: list[str] | None = None,
+                  output_names: list[str] | None = None) -> ir.Model:
     """torch.onnx.export(dynamo=True) at opset 21; linear nodes renamed to their module paths."""
     from qgraph.progress import status
 
-    dynamic_shapes = None
     if dynamic_seq:
         dynamic_shapes = ({1: torch.export.Dim("seq", min=1, max=8192)},)
+        input_names = ["input_ids"]
+    if output_names is None and isinstance(module, CausalLMLogits):
+        output_names = ["logits"]
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     torch.manual_seed(0)
     with status("exporting with torch.onnx (dynamo)", enabled=progress), warnings.catch_warnings():
@@ -282,8 +361,8 @@ def export_module(module, example_inputs: tuple, *, progress: bool = True, dynam
                 tuple(example_inputs),
                 dynamo=True,
                 opset_version=OPSET,
-                input_names=["input_ids"] if dynamic_seq else None,
-                output_names=["logits"] if isinstance(module, CausalLMLogits) else None,
+                input_names=input_names,
+                output_names=output_names,
                 dynamic_shapes=dynamic_shapes,
                 verbose=False,
                 report=False,

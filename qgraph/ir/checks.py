@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.errors import QGraphError
+from qgraph.ir.feeds import fed_from_ids
 
 # The default ONNX domain (two spellings), ONNX-ML and ONNX Runtime's contrib ops (MatMulNBits, ...).
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -33,8 +34,10 @@ def _nodes(graph: ir.Graph, where: str | None = None) -> Iterator[tuple[ir.Node,
 
 
 def extra_inputs(model: ir.Model) -> list[str]:
-    """Graph inputs after the token ids with no default value: qgraph has nothing to feed them."""
-    return [v.name for v in model.graph.inputs[1:] if v.const_value is None]
+    """Graph inputs after the token ids with no default value: qgraph has nothing to feed them.
+
+    A KV-cache graph's mask, positions and past are fed from the ids (`qgraph.ir.feeds`)."""
+    return [v.name for v in model.graph.inputs[1:] if v.const_value is None and not fed_from_ids(v.name)]
 
 
 def check_compilable(model: ir.Model, *, runs_graph: bool) -> None:

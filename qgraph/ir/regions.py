@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ir.feeds import CACHE_INPUT, CACHE_OUTPUT
 from qgraph.ir.hadamard import ONLINE_PREFIX
 from qgraph.ir.rewrite import add_initializer
 from qgraph.ir.validate import check_nodes, constant_array
@@ -548,7 +549,7 @@ def _follow(start: ir.Value, channels: int, ctx: _Context, what: str) -> _Walk:
     seen = {id(start)}
     while queue:
         value, idx = queue.pop(0)  # breadth first: the path lists ops in graph order
-        if value.is_graph_output():
+        if value.is_graph_output() and not CACHE_OUTPUT.match(value.name):
             raise _Reject(f"{what} reaches the graph output {value.name}")
         uses = {n.op_type for n, _ in value.uses()}
         if {"Slice", "Mul"} <= uses:  # say why, rather than naming whichever op comes first
@@ -593,10 +594,29 @@ def _through(
         stream = "the norm output is the residual stream (post-norm)" if what == "the norm output" else (
             "it joins the residual stream")
         raise _Reject(f"consumer {name} is not a sink: {stream}")
+    if op == "Concat" and _appends_to_cache(node, index, idx):
+        walk.path.append(node)
+        return [(node.outputs[0], _to_rank(idx, _rank(node.outputs[0])))]
     if op == "Relu":  # commutes with positive diagonal scales only; passes decide by region kind
         walk.path.append(node)
         return [(node.outputs[0], idx)]
     raise _Reject(f"unknown/non-commuting op {name} on the path")
+
+
+def _appends_to_cache(node: ir.Node, index: int, idx: np.ndarray) -> bool:
+    """Concat(past, new) along the tokens of a KV-cache graph: the channels keep their axis.
+
+    The cache (present.N.*) then holds the transformed channels, and the next step's past, which
+    this same graph wrote, holds them too: a scale, shift or rotation on the path stays exact over
+    a whole generation. Only for a past that is a cache graph input, and an axis off the channels.
+    """
+    others = [v for i, v in enumerate(node.inputs) if i != index]
+    if not others or not all(v is not None and v.is_graph_input() and CACHE_INPUT.match(v.name) for v in others):
+        return False
+    rank = _rank(node.inputs[index])
+    idx = _to_rank(idx, rank)
+    axis = node.attributes.get_int("axis", 0) % max(rank, 1)
+    return idx.ndim == rank and idx.shape[axis] == 1
 
 
 def _sink_index(layer: LinearLayer, idx: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ import onnx_ir as ir
 
 from qgraph.backends.dynamic_rounding import fake_quantize, insert_rounding
 from qgraph.ir.attention import Attention, CachedTensor, find_attention
+from qgraph.ir.feeds import token_feeds
 from qgraph.ir.qspec import QuantSpec
 from qgraph.options import option
 from qgraph.passes.registry import PassContext, register
@@ -95,7 +96,8 @@ class KVQuantPass(ir.passes.InPlacePass):
 
         names = list(dict.fromkeys(t.value.name for b in blocks for t in (b.key, b.value)))
         session = session_with_outputs(model, names, threads=2, optimize=False)
-        arrays = dict(zip(names, session.run(names, {session.get_inputs()[0].name: self.windows.ids[:1]}), strict=True))
+        feeds = token_feeds(session.get_inputs(), self.windows.ids[:1])
+        arrays = dict(zip(names, session.run(names, feeds), strict=True))
         o, out = self.options, {}
         for b in blocks:
             for role, t, axis, g in (("key", b.key, b.key.token_axis, o.group_size),

@@ -1,0 +1,197 @@
+"""Text generation from an artifact: a KV-cache graph steps one token at a time, a logits graph recomputes.
+
+A KV-cache artifact (`qgraph compile --kv-cache`) runs the prompt once (prefill) and then one token
+per step with the cache it returned; a logits-only artifact runs the whole sequence again for every
+new token (the same tokens, far slower: `qgraph generate` says so). Greedy by default; with a
+temperature, sampling from the top-k softmax with a seeded generator, so a seed gives the same text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qgraph.errors import QGraphError
+from qgraph.ir.feeds import CACHE_INPUT, CACHE_OUTPUT, empty_past, has_cache
+
+
+@dataclasses.dataclass
+class Generation:
+    """What `generate` returns: the prompt's and the new token ids, the text, and the timings."""
+
+    prompt_ids: list[int]
+    new_ids: list[int]
+    text: str | None
+    cached: bool
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed: tokens after the first over the time they took (the first comes from the prefill)."""
+        steps = len(self.new_ids) - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": len(self.prompt_ids), "new_tokens": len(self.new_ids), "new_ids": self.new_ids,
+                "text": self.text, "kv_cache": self.cached, "prefill_ms": round(self.prefill_s * 1e3, 3),
+                "decode_tokens_per_s": round(self.tokens_per_s, 3)}
+
+
+class Decoder:
+    """One ONNX Runtime session of a causal LM graph, with or without a KV cache."""
+
+    def __init__(self, session):
+        self.session = session
+        self.inputs = session.get_inputs()
+        outputs = [o.name for o in session.get_outputs()]
+        self.logits = outputs[0]
+        self.cached = has_cache(self.inputs)
+        self.past_names = [v.name for v in self.inputs if CACHE_INPUT.match(v.name)]
+        self.present_names = [n for n in outputs if CACHE_OUTPUT.match(n)]
+        if self.cached and len(self.present_names) != len(self.past_names):
+            raise QGraphError(f"the graph has {len(self.past_names)} past_key_values inputs but "
+                              f"{len(self.present_names)} present outputs", "recompile the artifact with --kv-cache")
+
+    def start(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """An empty cache for `batch` sequences."""
+        return {v.name: empty_past(v, batch) for v in self.inputs if CACHE_INPUT.match(v.name)}
+
+    def step(self, ids: np.ndarray, cache: dict[str, np.ndarray], past: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits for `ids` [batch, seq] after `past` cached tokens, and the cache that includes them."""
+        batch, seq = ids.shape
+        feeds = {self.inputs[0].name: ids}
+        names = {v.name for v in self.inputs}
+        if "attention_mask" in names:
+            feeds["attention_mask"] = np.ones((batch, past + seq), dtype=np.int64)
+        if "position_ids" in names:
+            feeds["position_ids"] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
+        feeds.update(cache)
+        outs = self.session.run([self.logits, *self.present_names], feeds)
+        past = {CACHE_OUTPUT.sub(r"past_key_values.\1.\2", n): a for n, a in zip(self.present_names, outs[1:], strict=True)}
+        return outs[0], past
+
+
+def next_token(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    """Greedy (temperature 0) or a sample from softmax(logits / T) over the top_k largest (0: all)."""
+    logits = logits.astype(np.float64)
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits / temperature
+    if 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= kth, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(z.size, p=p))
+
+
+def run_generation(decoder: Decoder, prompt_ids: Sequence[int], *, max_new_tokens: int = 32, temperature: float = 0.0,
+                   top_k: int = 0, seed: int = 0, eos_token_id: int | Sequence[int] | None = None,
+                   on_token: Callable[[int], None] | None = None) -> tuple[list[int], float, float]:
+    """New token ids (stopping after an end-of-sequence id), prefill seconds, decode seconds."""
+    rng = np.random.default_rng(seed)
+    stop = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    ids = np.asarray([list(prompt_ids)], dtype=np.int64)
+    new: list[int] = []
+    cache = decoder.start() if decoder.cached else {}
+    t0 = time.perf_counter()
+    logits, cache = decoder.step(ids, cache, 0)
+    prefill = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    while len(new) < max_new_tokens:
+        token = next_token(logits[0, -1], temperature, top_k, rng)
+        new.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in stop or len(new) == max_new_tokens:
+            break
+        if decoder.cached:
+            logits, cache = decoder.step(np.asarray([[token]], dtype=np.int64), cache, ids.shape[1] + len(new) - 1)
+        else:  # no cache: the whole sequence again
+            seq = np.concatenate([ids, np.asarray([new], dtype=np.int64)], axis=1)
+            logits, _ = decoder.step(seq, {}, 0)
+    return new, prefill, time.perf_counter() - t1
+
+
+def open_decoder(target: Any, threads: int = 2) -> tuple[Decoder, Any]:
+    """A decoder and the tokenizer (or None) for an artifact directory, an .onnx file or a CompiledModel."""
+    from qgraph.api import CompiledModel
+    from qgraph.artifact import read_manifest
+    from qgraph.backends.onnx_qdq import session_from_file, session_from_model
+    from qgraph.ir.capture import MANIFEST, load_tokenizer
+
+    if isinstance(target, CompiledModel):
+        return Decoder(session_from_model(target.model, threads=threads)), target.tokenizer
+    path = Path(target)
+    if path.is_dir() and (path / MANIFEST).exists():
+        manifest = read_manifest(path)
+        if manifest.get("task", "causal-lm") != "causal-lm":
+            raise QGraphError(f"artifact {str(path)!r} is an {manifest.get('task')} model: it does not generate text",
+                              "pass a causal LM artifact")
+        if manifest.get("backend", "onnxruntime") != "onnxruntime":
+            raise QGraphError(f"artifact {str(path)!r} is built for {manifest.get('backend')}: generate runs "
+                              "ONNX Runtime artifacts", "compile it with --backend onnxruntime --kv-cache")
+        return Decoder(session_from_file(path / manifest.get("model_file", "model.onnx"), threads=threads)), \
+            load_tokenizer(path)
+    if path.is_file() and path.suffix == ".onnx":
+        return Decoder(session_from_file(path, threads=threads)), load_tokenizer(path.parent)
+    raise QGraphError(f"{str(target)!r} is not a qgraph artifact directory or an .onnx file",
+                      "compile one first: qgraph compile --kv-cache -o DIR")
+
+
+def generate(target: Any, prompt: str | Sequence[int], *, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int = 0, seed: int = 0, eos_token_id: int | Sequence[int] | None | str = "auto", threads: int = 2,
+             on_token: Callable[[int], None] | None = None, on_text: Callable[[str], None] | None = None) -> Generation:
+    """Generate up to max_new_tokens after `prompt` (text, with the artifact's tokenizer, or token ids).
+
+    eos_token_id "auto" stops at the tokenizer's end-of-sequence token (none without a tokenizer).
+    on_token gets every new id as it comes; on_text every new piece of decoded text (a tokenizer needed).
+    """
+    if max_new_tokens < 1:
+        raise QGraphError(f"max_new_tokens is {max_new_tokens}", "ask for at least one new token")
+    if temperature < 0 or top_k < 0:
+        raise QGraphError(f"temperature {temperature} / top_k {top_k} is negative", "use temperature >= 0 and top_k >= 0")
+    decoder, tokenizer = open_decoder(target, threads)
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise QGraphError("this artifact has no tokenizer, so a text prompt cannot be encoded", "pass token ids")
+        prompt_ids = list(tokenizer(prompt)["input_ids"])
+    else:
+        prompt_ids = [int(t) for t in prompt]
+    if not prompt_ids:
+        raise QGraphError("the prompt is empty", "give at least one token of prompt")
+    if eos_token_id == "auto":
+        eos_token_id = getattr(tokenizer, "eos_token_id", None)
+    if on_text is not None and tokenizer is not None:
+        on_token = _text_stream(tokenizer, on_text, on_token)
+    new, prefill, decode = run_generation(decoder, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                          top_k=top_k, seed=seed, eos_token_id=eos_token_id, on_token=on_token)
+    text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
+    return Generation(prompt_ids, new, text, decoder.cached, prefill, decode)
+
+
+def _text_stream(tokenizer, on_text: Callable[[str], None], on_token: Callable[[int], None] | None) -> Callable[[int], None]:
+    """A token callback that decodes everything so far and hands on_text what is new.
+
+    Decoding the whole list (not token by token) keeps the tokenizer's spacing and merges; a piece
+    ending in U+FFFD is a multi-byte character still incomplete, held back until its last token.
+    """
+    ids: list[int] = []
+    shown = [""]
+
+    def take(token: int) -> None:
+        if on_token is not None:
+            on_token(token)
+        ids.append(token)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(shown[0]):
+            on_text(text[len(shown[0]):])
+            shown[0] = text
+
+    return take

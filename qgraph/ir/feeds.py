@@ -1,0 +1,69 @@
+"""Feeds for one run of a graph from token ids alone.
+
+A logits graph takes the ids only. A KV-cache graph (onnxruntime-genai's names: input_ids,
+attention_mask, position_ids, past_key_values.N.key / .value) also gets an all-ones mask, positions
+0..seq-1 and an empty past: a prompt run with no cache, the same function as the logits graph. Every
+calibration, verification and evaluation run goes through `token_feeds`, so each pass compiles
+either graph without knowing which it got.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+CACHE_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+CACHE_OUTPUT = re.compile(r"^present\.(\d+)\.(key|value)$")
+FED_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def is_cache_input(name: str) -> bool:
+    return CACHE_INPUT.match(name) is not None
+
+
+def fed_from_ids(name: str) -> bool:
+    """True for the inputs `token_feeds` fills: the ids, the mask, the positions and the past."""
+    return name in FED_INPUTS or is_cache_input(name)
+
+
+def has_cache(inputs: Iterable[Any]) -> bool:
+    """True when a graph's inputs (onnx_ir values or ORT NodeArgs) carry a KV cache."""
+    return any(is_cache_input(v.name) for v in inputs)
+
+
+def _dims(shape) -> list[int | None]:
+    return [d if isinstance(d, int) else None for d in (shape or [])]
+
+
+def _float_dtype(v) -> type:
+    t = getattr(v, "type", None)  # ORT NodeArg: 'tensor(float16)'
+    if isinstance(t, str):
+        return np.float16 if "float16" in t else np.float32
+    dtype = getattr(v, "dtype", None)  # onnx_ir value
+    return dtype.numpy() if dtype is not None else np.float32
+
+
+def empty_past(v, batch: int) -> np.ndarray:
+    """A zero-length cache tensor [batch, kv_heads, 0, head_dim] for the input `v`."""
+    dims = _dims(v.shape)
+    if len(dims) != 4 or dims[1] is None or dims[3] is None:
+        raise ValueError(f"cache input {v.name!r} has shape {list(v.shape or [])}: expected [batch, kv_heads, past, head_dim]")
+    return np.zeros((batch, dims[1], 0, dims[3]), dtype=_float_dtype(v))
+
+
+def token_feeds(inputs: Iterable[Any], ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for token ids [batch, seq] (the first input takes the ids, whatever its name)."""
+    inputs = list(inputs)
+    batch, seq = ids.shape
+    feeds = {inputs[0].name: ids}
+    for v in inputs[1:]:
+        if v.name == "attention_mask":
+            feeds[v.name] = np.ones((batch, seq), dtype=np.int64)
+        elif v.name == "position_ids":
+            feeds[v.name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        elif is_cache_input(v.name):
+            feeds[v.name] = empty_past(v, batch)
+    return feeds
