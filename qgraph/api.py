@@ -80,13 +80,21 @@ class CompiledModel:
             "created_by": f"qgraph {_version()}",
         }
 
-    def save(self, out_dir: str | Path, *, progress: bool = True, report_files: bool = False) -> Path:
+    def save(self, out_dir: str | Path, *, progress: bool = True, report_files: bool = False, genai: bool = False) -> Path:
         """Write the artifact directory atomically: model.onnx (+ .data), tokenizer, manifest, report.
 
-        report_files=True also writes report.md and sqnr.png (per-layer SQNR plot).
+        report_files=True also writes report.md and sqnr.png (per-layer SQNR plot). genai=True (a
+        KV-cache graph) also writes genai_config.json: the directory is an onnxruntime-genai model folder.
         """
+        from qgraph.backends.genai import check_genai_source, write_genai_config
         from qgraph.backends.onnx_qdq import save_model
+        from qgraph.ir.feeds import has_cache
         from qgraph.progress import status
+
+        decoder = check_genai_source(self.source, has_cache(self.model.graph.inputs)) if genai else None
+        if genai and self.tokenizer is None:
+            raise QGraphError("--format genai needs the model's tokenizer (onnxruntime-genai reads tokenizer.json)",
+                              "compile from a Hugging Face directory or .gguf that has one")
 
         def fill(tmp: Path) -> None:
             t = time.perf_counter()
@@ -94,6 +102,8 @@ class CompiledModel:
                 files = save_model(self.model, tmp / "model.onnx")
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(str(tmp))
+            if decoder is not None:
+                write_genai_config(tmp, decoder)
             write_json(tmp / MANIFEST, self.manifest())
             report = dict(self.report)
             report["timings_s"] = dict(report.get("timings_s", {}), save=round(time.perf_counter() - t, 3))

@@ -56,6 +56,10 @@ def compile_cmd(
         False, "--kv-cache",
         help="Causal LMs: capture the decoder step with past/present key-values (what `qgraph generate` and "
              "onnxruntime-genai run) instead of the logits-only graph; needs a Hugging Face / GGUF / default model."),
+    out_format: str = typer.Option(
+        "onnx", "--format",
+        help="onnx: a qgraph artifact; genai: also an onnxruntime-genai model folder (genai_config.json; "
+             "implies --kv-cache)."),
 ) -> None:
     """Capture MODEL, apply RECIPE and write an ONNX Runtime (or TVM) artifact directory."""
     import qgraph
@@ -78,6 +82,12 @@ def compile_cmd(
         archs = check_target(target, parse_archs(arch) if target == "cuda" else None)
     if arch is not None and (backend != "tvm" or target != "cuda"):
         raise QGraphError("--arch applies to --backend tvm --target cuda only", "drop --arch or add --target cuda")
+    if out_format not in ("onnx", "genai"):
+        raise QGraphError(f"unknown --format {out_format!r}", "use --format onnx or --format genai")
+    if out_format == "genai":
+        if backend != "onnxruntime":
+            raise QGraphError("--format genai writes an ONNX Runtime folder", "drop --backend tvm")
+        kv_cache = True
     t0 = time.perf_counter()
     captured = qgraph.load(model, progress=progress, export=False, kv_cache=kv_cache)
     if kv_cache and captured.model is not None:
@@ -87,6 +97,10 @@ def compile_cmd(
             raise QGraphError(f"--kv-cache: the ONNX graph {model!r} has no past_key_values inputs, and an exported graph "
                               "cannot gain a cache", "pass the Hugging Face directory or .gguf it came from, "
                               "or omit MODEL for the default")
+        if out_format == "genai":  # before the long compile, not at save
+            from qgraph.backends.genai import check_genai_source
+
+            check_genai_source(captured.source, True)
     calib = qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx)
     if recipe_obj.needs_calibration:  # a bad --calib-text fails now, not after a long export
         calib = qgraph.api.calibration_windows_for(captured, calib)
@@ -99,7 +113,7 @@ def compile_cmd(
 
         path = save_artifact(compiled, out, target=target, archs=archs, progress=progress)
     else:
-        path = compiled.save(out, progress=progress, report_files=report)
+        path = compiled.save(out, progress=progress, report_files=report, genai=out_format == "genai")
     report = json.loads((path / "report.json").read_text())
     report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     (path / "report.json").write_text(json.dumps(report, indent=2) + "\n")

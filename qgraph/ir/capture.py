@@ -93,7 +93,8 @@ def load(
     if kv_cache and isinstance(source, torch.nn.Module) and not isinstance(source, CausalLMWithCache):
         source = CausalLMWithCache(source)  # a transformers causal LM module
     if isinstance(source, CausalLMWithCache):
-        captured = CapturedModel(None, None, {"kind": "torch", "class": type(source.net).__name__, "kv_cache": True}, source)
+        captured = CapturedModel(None, None, {"kind": "torch", "class": type(source.net).__name__, "kv_cache": True,
+                                              "decoder": source.decoder}, source)
         return captured.exported(progress=progress) if export else captured
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
@@ -240,9 +241,9 @@ def _load_transformers(
         "architecture": archs[0] if archs else type(module).__name__,
         "task": "causal-lm" if is_causal else "encoder",
     }
-    if kv_cache:
-        source["kv_cache"] = True
     wrapper = (CausalLMWithCache if kv_cache else CausalLMLogits)(module) if is_causal else EncoderHidden(module)
+    if kv_cache:
+        source.update(kv_cache=True, decoder=wrapper.decoder)
     captured = CapturedModel(None, tokenizer, source, wrapper)
     return captured.exported(progress=progress) if export else captured
 
@@ -287,6 +288,21 @@ class CausalLMWithCache(torch.nn.Module):
         self.layers = int(c.num_hidden_layers)
         self.kv_heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
         self.head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+    @property
+    def decoder(self) -> dict:
+        """What a runtime needs beside the graph (onnxruntime-genai's genai_config.json): sizes and special tokens."""
+        c, g = self.net.config, getattr(self.net, "generation_config", None)
+
+        def token(name: str):
+            v = getattr(g, name, None) if g is not None and getattr(g, name, None) is not None else getattr(c, name, None)
+            return v if isinstance(v, int) or v is None else list(v)
+
+        return {"model_type": c.model_type, "num_hidden_layers": self.layers, "num_attention_heads": int(c.num_attention_heads),
+                "num_key_value_heads": self.kv_heads, "head_size": self.head_dim, "hidden_size": int(c.hidden_size),
+                "vocab_size": int(c.vocab_size), "context_length": int(getattr(c, "max_position_embeddings", 2048) or 2048),
+                "bos_token_id": token("bos_token_id"), "eos_token_id": token("eos_token_id"),
+                "pad_token_id": token("pad_token_id")}
 
     @property
     def input_names(self) -> list[str]:
