@@ -390,10 +390,27 @@ def evaluate(
     return {**result, "model": runner.name, "runtime": runner.kind}
 
 
-def bench(target: Any, *, threads: int = 2, runs: int = 10, prefill_tokens: int = 512) -> dict:
-    """Prefill and single-token latency (median of `runs`) of an artifact."""
+def bench(target: Any, *, threads: int = 2, runs: int = 10, prefill_tokens: int = 512,
+          contexts: tuple[int, ...] = (128, 512, 1024), steps: int = 32) -> dict:
+    """Latency of an artifact. A KV-cache artifact: prefill ms at 128 / 512 tokens, decode tokens/s at
+    each context with the cache, cache bytes per token and peak memory (`kv_cache` true). A logits-only
+    one: prefill and a single-token forward (median of `runs`), a proxy for decode."""
     from qgraph.eval.bench import bench as _bench
+    from qgraph.eval.bench import bench_generation
 
+    if not isinstance(target, Runner):
+        from qgraph.generate import open_decoder
+
+        try:
+            decoder, _ = open_decoder(target, threads=threads)
+        except QGraphError:
+            decoder = None  # not an ONNX Runtime artifact: the runner below says why, or runs TVM
+        if decoder is not None and decoder.cached:
+            vocab = decoder.session.get_outputs()[0].shape[-1]
+            result = bench_generation(decoder, prompts=(128, prefill_tokens) if prefill_tokens != 128 else (128,),
+                                      contexts=contexts, steps=steps, runs=max(1, min(runs, 5)),
+                                      vocab=vocab if isinstance(vocab, int) else 1000)
+            return {**result, "kv_cache": True, "threads": threads, "model": str(target)}
     runner = target if isinstance(target, Runner) else open_runner(target, threads=threads)
     return {**_bench(runner.forward, prefill_tokens=prefill_tokens, runs=runs, vocab=runner.vocab),
-            "threads": threads, "model": runner.name}
+            "kv_cache": False, "threads": threads, "model": runner.name}

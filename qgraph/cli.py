@@ -201,15 +201,23 @@ def generate_cmd(
 def bench_cmd(
     target: str = typer.Argument(..., help="Artifact directory or .onnx file."),
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
-    runs: int = typer.Option(10, "--runs", help="Timed runs per measurement (median reported)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: prefill_ms, decode_ms."),
+    runs: int = typer.Option(10, "--runs", help="Timed runs per measurement (median reported; KV-cache artifacts: at most 5)."),
+    steps: int = typer.Option(32, "--steps", help="KV-cache artifacts: decode steps timed per context."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (keys in the README's bench section)."),
 ) -> None:
-    """Prefill (512 tokens) and single-token forward latency, median of repeated runs."""
+    """KV-cache artifacts: prefill ms (128 / 512 tokens), decode tokens/s at context 128 / 512 / 1024, peak memory.
+    Logits-only artifacts: prefill and a single-token forward (a proxy for decode)."""
     import qgraph
 
-    result = qgraph.bench(target, threads=threads, runs=runs)
+    result = qgraph.bench(target, threads=threads, runs=runs, steps=steps)
     if as_json:
         print(json.dumps(result))
+    elif result["kv_cache"]:
+        pre = ", ".join(f"{n} tokens {ms:.1f} ms" for n, ms in result["prefill_ms"].items())
+        dec = ", ".join(f"context {c}: {r:.1f}" for c, r in result["decode_tokens_per_s"].items())
+        _out().print(f"prefill: {pre}\ndecode tokens/s with the KV cache: {dec}\n"
+                     f"cache {result['cache_bytes_per_token']} bytes per token; peak RSS {result['peak_rss_mb']:.0f} MB\n"
+                     f"[dim]{threads} threads, median of {result['runs']} runs, {result['decode_steps']} steps each[/]")
     else:
         _out().print(
             f"prefill {result['prefill_tokens']} tokens: {result['prefill_ms']:.1f} ms (min {result['prefill_min_ms']:.1f})\n"

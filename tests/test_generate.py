@@ -98,6 +98,11 @@ def test_cli_compiles_with_a_cache_and_streams_text(tmp_path, llama_dir, text_fi
     r = run_cli("generate", out, "w1 w2 w3", "-n", "8", "--json")
     res = json.loads(r.stdout)
     assert res["kv_cache"] is True and res["prompt_tokens"] == 3 and res["text"].split() == words
+    r = run_cli("bench", out, "--json", "--runs", "1", "--steps", "4")
+    res = json.loads(r.stdout)
+    assert res["kv_cache"] is True and set(res["prefill_ms"]) == {"128", "512"}
+    assert set(res["decode_tokens_per_s"]) == {"128", "512", "1024"} and min(res["decode_tokens_per_s"].values()) > 0
+    assert res["cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers x (K, V) x kv_heads x head_dim x float32
     assert_user_error(run_cli("generate", tmp_path / "nothing", "w1"), "not a qgraph artifact directory")
     # The cached graph recompiles from its model.onnx; a logits graph cannot gain a cache.
     r = run_cli("compile", out / "model.onnx", "--kv-cache", "--recipe", "fp32", "-o", tmp_path / "again", "-q")

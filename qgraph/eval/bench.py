@@ -1,4 +1,4 @@
-"""Latency of an artifact: prefill of a long prompt and a single-token forward."""
+"""Latency of an artifact: prefill of a long prompt, and decode with the KV cache (or a single-token proxy without one)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import numpy as np
 from qgraph.eval.perplexity import Forward
 
 DECODE_NOTE = (
-    "decode = one forward of a single token without KV cache (a GEMV-bound proxy until the "
-    "KV-cache graph exists)"
+    "decode = one forward of a single token without KV cache: a GEMV-bound proxy, not generation "
+    "(compile with --kv-cache for decode tokens/s with the cache)"
 )
+CACHED_NOTE = "decode = tokens/s of single-token steps with the KV cache after a prompt of the given context"
 
 
 def time_forward(forward: Forward, ids: np.ndarray, runs: int, warmup: int = 2) -> list[float]:
@@ -68,3 +69,43 @@ def round_robin(forwards: dict[str, Forward], *, runs: int = 10, vocab: int = 49
             dec[name] += time_forward(fwd, one, runs=5, warmup=0)
     return {n: {"prefill_min": min(pre[n]), "prefill_med": statistics.median(pre[n]),
                 "decode_min": min(dec[n]), "decode_med": statistics.median(dec[n])} for n in forwards}
+
+
+def decode_rate(decoder, context: int, steps: int, *, vocab: int, seed: int = 0) -> tuple[float, float]:
+    """(prefill ms of `context` random tokens, decode tokens/s of `steps` cached single-token steps after it)."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, vocab, size=(1, context), dtype=np.int64)
+    t = time.perf_counter()
+    logits, cache = decoder.step(prompt, decoder.start(), 0)
+    prefill = (time.perf_counter() - t) * 1e3
+    token = np.asarray([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
+    t = time.perf_counter()
+    for i in range(steps):
+        logits, cache = decoder.step(token, cache, context + i)
+        token[0, 0] = int(np.argmax(logits[0, -1]))
+    return prefill, steps / (time.perf_counter() - t)
+
+
+def cache_bytes_per_token(decoder) -> int:
+    """Bytes the cache grows by per token: every past tensor's kv_heads x head_dim x element size."""
+    return sum(a.shape[1] * a.shape[3] * a.itemsize for a in decoder.start().values())
+
+
+def bench_generation(decoder, *, prompts: tuple[int, ...] = (128, 512), contexts: tuple[int, ...] = (128, 512, 1024),
+                     steps: int = 32, runs: int = 3, vocab: int = 1000) -> dict:
+    """Prefill ms per prompt length and decode tokens/s per context (median of runs), cache size, peak memory."""
+    import resource
+
+    decode_rate(decoder, 16, 4, vocab=vocab)  # warm-up: session arenas, kernel selection
+    prefill = {n: statistics.median(decode_rate(decoder, n, 0, vocab=vocab, seed=r)[0] for r in range(runs)) for n in prompts}
+    decode = {c: statistics.median(decode_rate(decoder, c, steps, vocab=vocab, seed=r)[1] for r in range(runs))
+              for c in contexts}
+    return {
+        "prefill_ms": {str(n): round(v, 3) for n, v in prefill.items()},
+        "decode_tokens_per_s": {str(c): round(v, 3) for c, v in decode.items()},
+        "decode_steps": steps,
+        "runs": runs,
+        "cache_bytes_per_token": cache_bytes_per_token(decoder),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "note": CACHED_NOTE,
+    }
