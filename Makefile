@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 QGRAPH := $(VENV)/bin/qgraph
 OUT    ?= out
 
-.PHONY: setup demo test test-slow compare lint clean
+.PHONY: setup demo test test-slow compare compare-gen lint clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test-slow: setup
 
 compare: setup
 	$(PY) tools/compare_peers.py --out $(OUT)/compare
+
+# Generation with the KV cache against llama.cpp and onnxruntime-genai (builds llama-cpp-python first).
+compare-gen: setup
+	PY=$(PY) tools/setup_peers.sh
+	$(PY) tools/compare_peers.py --generation --out $(OUT)/compare-gen
 
 lint: setup
 	$(VENV)/bin/ruff check qgraph tests tools

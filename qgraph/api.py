@@ -369,13 +369,24 @@ def _ort_session_checked(make, path: Path, threads: int):
 
 def evaluate(
     target: Any = None, *, text: str | None = None, ctx: int = DEFAULT_CTX, windows: int = DEFAULT_EVAL_WINDOWS,
-    threads: int = 2, progress: bool = True, sentences: int | None = None,
+    threads: int = 2, progress: bool = True, sentences: int | None = None, decode_from: int | None = None,
 ) -> dict:
     """Perplexity over non-overlapping windows from token 0: {'ppl', 'tokens', 'windows', 'ctx'}.
 
     An encoder (manifest task "encoder") gets the sentence-embedding cosine against its float source
     instead: {'cosine_mean', 'cosine_min', 'sentences', ...} (qgraph.eval.embedding).
+    decode_from=N (a KV-cache artifact): each window's first N tokens in one pass, the rest one token
+    per step with the cache, as generation runs ('decode_from' in the result).
     """
+    if decode_from is not None:
+        from qgraph.generate import cached_forward, open_decoder
+
+        decoder, tokenizer = open_decoder(target, threads=threads)
+        spans = evaluation_windows(tokenizer, text, windows=windows, ctx=ctx)
+        from qgraph.eval.perplexity import perplexity
+
+        result = perplexity(cached_forward(decoder, decode_from), spans, progress=progress)
+        return {**result, "model": str(target), "runtime": "onnxruntime (KV cache)", "decode_from": decode_from}
     from qgraph.eval.embedding import DEFAULT_SENTENCES, encoder_source, evaluate_encoder
     from qgraph.eval.perplexity import perplexity
 

@@ -148,12 +148,17 @@ def eval_cmd(
     threads: int = typer.Option(2, "--threads", help="ONNX Runtime intra-op threads."),
     sentences: int = typer.Option(256, "--sentences", help="Encoders: sentences compared with the float model."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: ppl, tokens, windows."),
+    decode_from: int | None = typer.Option(
+        None, "--decode-from",
+        help="KV-cache artifacts: each window's first N tokens in one pass, the rest one token per step with the cache."),
 ) -> None:
     """Perplexity of an artifact or model over non-overlapping token windows (encoders: embedding cosine)."""
     import qgraph
 
+    if decode_from is not None and decode_from < 1:
+        raise QGraphError(f"--decode-from {decode_from}", "give at least 1 prompt token")
     result = qgraph.evaluate(target, text=text, ctx=ctx, windows=windows, threads=threads, progress=not as_json,
-                             sentences=sentences)
+                             sentences=sentences, decode_from=decode_from)
     if as_json:
         print(json.dumps(result))
     elif "cosine_mean" in result:

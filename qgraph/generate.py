@@ -77,6 +77,26 @@ class Decoder:
         return outs[0], past
 
 
+def cached_forward(decoder: Decoder, prompt: int):
+    """A perplexity Forward through the cache: ids[:, :prompt] in one pass, then one token per step.
+
+    Its logits [1, T, V] are what generation sees at every position, so perplexity over them is the
+    cached decode path's (a quantized cache's rounding as it happens step by step)."""
+    if not decoder.cached:
+        raise QGraphError("the cached decode path needs a KV-cache artifact", "compile it with --kv-cache")
+
+    def forward(ids: np.ndarray) -> np.ndarray:
+        first = max(1, min(prompt, ids.shape[1]))
+        logits, cache = decoder.step(ids[:, :first], decoder.start(ids.shape[0]), 0)
+        rows = [logits]
+        for t in range(first, ids.shape[1]):
+            logits, cache = decoder.step(ids[:, t:t + 1], cache, t)
+            rows.append(logits)
+        return np.concatenate(rows, axis=1)
+
+    return forward
+
+
 def next_token(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
     """Greedy (temperature 0) or a sample from softmax(logits / T) over the top_k largest (0: all)."""
     logits = logits.astype(np.float64)
@@ -128,6 +148,8 @@ def open_decoder(target: Any, threads: int = 2) -> tuple[Decoder, Any]:
 
     if isinstance(target, CompiledModel):
         return Decoder(session_from_model(target.model, threads=threads)), target.tokenizer
+    if not isinstance(target, (str, Path)):
+        raise QGraphError(f"cannot generate from {type(target).__name__}", "pass an artifact directory or an .onnx file")
     path = Path(target)
     if path.is_dir() and (path / MANIFEST).exists():
         manifest = read_manifest(path)

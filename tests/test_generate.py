@@ -110,3 +110,16 @@ def test_cli_compiles_with_a_cache_and_streams_text(tmp_path, llama_dir, text_fi
     assert run_cli("compile", llama_dir, "--recipe", "fp32", "-o", tmp_path / "logits", "-q").returncode == 0
     assert_user_error(run_cli("compile", tmp_path / "logits" / "model.onnx", "--kv-cache", "--recipe", "fp32",
                               "-o", tmp_path / "x"), "has no past_key_values inputs")
+
+
+@pytest.mark.parametrize(("recipe", "tolerance"), [("fp32", 1e-5), ("kv4", 0.02)])
+def test_cached_decode_perplexity_matches_the_prompt_pass(tmp_path, llama_dir, text_file, recipe, tolerance):
+    """Token-by-token decoding with the cache scores as the one-pass logits do (kv4: within KIVI's 2 % bar)."""
+    captured = qgraph.load(llama_dir, progress=False, kv_cache=True)
+    calib = qgraph.CalibConfig(text=str(text_file), windows=2, ctx=32)
+    out = qgraph.compile(captured, recipe, calib=calib, progress=False).save(tmp_path / recipe, progress=False)
+    assert [o.name for o in qgraph.load(out / "model.onnx", progress=False).model.graph.outputs][1] == "present.0.key"
+    one_pass = qgraph.evaluate(out, text=str(text_file), ctx=48, windows=3, progress=False)
+    cached = qgraph.evaluate(out, text=str(text_file), ctx=48, windows=3, progress=False, decode_from=8)
+    assert cached["tokens"] == one_pass["tokens"] == 3 * 47 and cached["decode_from"] == 8
+    assert abs(cached["ppl"] / one_pass["ppl"] - 1) < tolerance, (cached, one_pass)

@@ -19,6 +19,12 @@ removed, to show what the rotations buy. kv4 / kv2 quantize only the KV cache (f
 
     python tools/compare_peers.py [--out out/compare] [--runs 10] [--windows 16] [--tvm fp32,w8a8,w4a16]
                                   [--int8-kernels s7,u8s8]
+
+`--generation` runs the generation board instead (tools/generation_peers.py): KV-cache artifacts under
+onnxruntime-genai and qgraph's own loop, onnxruntime-genai's model builder int4, and llama.cpp on the
+same GGUF (install it first with tools/setup_peers.sh), decode tokens/s at context 512 and perplexity:
+
+    python tools/compare_peers.py --generation [--out out/compare-gen] [--gen-recipes fp32,w8a8-qsm,w4a16-awq,w4a8-rot]
 """
 
 from __future__ import annotations
@@ -185,11 +191,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="re-quantize every row")
     ap.add_argument("--recipes", default=",".join(QGRAPH_RECIPES), help="comma-separated qgraph recipes to include")
+    ap.add_argument("--generation", action="store_true", help="the generation board (KV cache, tokens/s) instead")
+    ap.add_argument("--gen-recipes", default="fp32,w8a8-qsm,w4a16-awq,w4a8-rot", help="qgraph rows of --generation")
+    ap.add_argument("--steps", type=int, default=32, help="--generation: decode steps timed per round")
     ap.add_argument("--tvm", default=",".join(TVM_RECIPES), help="qgraph rows to also build with TVM llvm ('' for none)")
     ap.add_argument("--int8-kernels", default="s7,u8s8",
                     help="extra w8a8-qsm rows lowered with these --int8-kernel choices ('' for none)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.generation:
+        from generation_peers import generation_board  # tools/ is the script's directory, first on sys.path
+
+        from qgraph.ir.capture import default_model_location
+
+        tokenizer = load_tokenizer(*default_model_location())
+        print(generation_board(out, [r for r in args.gen_recipes.split(",") if r], runs=args.runs, steps=args.steps,
+                               windows=evaluation_windows(tokenizer, windows=args.windows), threads=args.threads,
+                               qgraph_cli=qgraph_cli, built_seconds=built_seconds, model_bytes=model_bytes))
+        return
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

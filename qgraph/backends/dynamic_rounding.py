@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qgraph.ir.feeds import CACHE_OUTPUT
 from qgraph.ir.rewrite import add_initializer
 
 TINY_STEP = np.float32(1e-30)  # an all-equal (or all-zero) group rounds to itself; no 0 / 0
@@ -106,6 +107,9 @@ def insert_rounding(graph: ir.Graph, x: ir.Value, *, axis: int, rank: int, group
         graph.insert_before(graph.node(0), nodes)
     for user, index in readers:
         user.replace_input_with(index, y)
-    if x in graph.outputs:
+    if x in graph.outputs and not CACHE_OUTPUT.match(x.name or ""):
         graph.outputs[graph.outputs.index(x)] = y
+    # A KV-cache graph's present.N.* output stays the float cache: each step rounds the whole cache
+    # afresh for its attention, as the logits graph rounds every position, instead of rounding
+    # already-rounded entries again with a new group's step.
     return y
