@@ -141,7 +141,7 @@ def run_generation(decoder: Decoder, prompt_ids: Sequence[int], *, max_new_token
 
 def open_decoder(target: Any, threads: int = 2) -> tuple[Decoder, Any]:
     """A decoder and the tokenizer (or None) for an artifact directory, an .onnx file or a CompiledModel."""
-    from qgraph.api import CompiledModel
+    from qgraph.api import CompiledModel, _ort_session_checked
     from qgraph.artifact import read_manifest
     from qgraph.backends.onnx_qdq import session_from_file, session_from_model
     from qgraph.ir.capture import MANIFEST, load_tokenizer
@@ -159,10 +159,10 @@ def open_decoder(target: Any, threads: int = 2) -> tuple[Decoder, Any]:
         if manifest.get("backend", "onnxruntime") != "onnxruntime":
             raise QGraphError(f"artifact {str(path)!r} is built for {manifest.get('backend')}: generate runs "
                               "ONNX Runtime artifacts", "compile it with --backend onnxruntime --kv-cache")
-        return Decoder(session_from_file(path / manifest.get("model_file", "model.onnx"), threads=threads)), \
-            load_tokenizer(path)
+        session = _ort_session_checked(session_from_file, path / manifest.get("model_file", "model.onnx"), threads)
+        return Decoder(session), load_tokenizer(path)
     if path.is_file() and path.suffix == ".onnx":
-        return Decoder(session_from_file(path, threads=threads)), load_tokenizer(path.parent)
+        return Decoder(_ort_session_checked(session_from_file, path, threads)), load_tokenizer(path.parent)
     raise QGraphError(f"{str(target)!r} is not a qgraph artifact directory or an .onnx file",
                       "compile one first: qgraph compile --kv-cache -o DIR")
 

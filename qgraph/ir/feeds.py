@@ -55,10 +55,12 @@ def empty_past(v, batch: int) -> np.ndarray:
 
 
 def token_feeds(inputs: Iterable[Any], ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for token ids [batch, seq] (the first input takes the ids, whatever its name)."""
+    """Feeds for token ids [batch, seq] (the first input takes the ids, whatever its name and rank)."""
     inputs = list(inputs)
-    batch, seq = ids.shape
     feeds = {inputs[0].name: ids}
+    if not any(fed_from_ids(v.name) for v in inputs[1:]):
+        return feeds  # a one-input graph (or a toy whose first input is a float tensor)
+    batch, seq = ids.shape
     for v in inputs[1:]:
         if v.name == "attention_mask":
             feeds[v.name] = np.ones((batch, seq), dtype=np.int64)
