@@ -81,3 +81,15 @@ def test_cached_greedy_generation_matches_transformers_for_32_tokens():
     ref = net.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0)[0, len(prompt):]
     net.generation_config.eos_token_id = saved
     assert got.cached and got.new_ids == ref.tolist()  # measured: " with the Roman Empire. The Roman Empire was ..."
+
+
+@pytest.mark.slow
+def test_w4a16_awq_genai_folder_generates_qgraph_tokens_under_onnxruntime_genai(tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    from tests.backends.test_genai import og_greedy
+
+    captured = qgraph.load(progress=False, kv_cache=True)
+    folder = qgraph.compile(captured, "w4a16-awq", progress=False).save(tmp_path / "awq", progress=False, genai=True)
+    prompt = captured.tokenizer("The history of the city of London begins")["input_ids"]
+    ours = qgraph.generate(folder, prompt, max_new_tokens=32, eos_token_id=None)
+    assert og is not None and og_greedy(folder, prompt, 32) == ours.new_ids

@@ -192,6 +192,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="re-quantize every row")
     ap.add_argument("--recipes", default=",".join(QGRAPH_RECIPES), help="comma-separated qgraph recipes to include")
     ap.add_argument("--generation", action="store_true", help="the generation board (KV cache, tokens/s) instead")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="time the rows only (no ORT quantizer rows, no perplexity): re-checks latency on an idle machine")
     ap.add_argument("--gen-recipes", default="fp32,w8a8-qsm,w4a16-awq,w4a8-rot", help="qgraph rows of --generation")
     ap.add_argument("--steps", type=int, default=32, help="--generation: decode steps timed per round")
     ap.add_argument("--tvm", default=",".join(TVM_RECIPES), help="qgraph rows to also build with TVM llvm ('' for none)")
@@ -236,7 +238,8 @@ def main() -> None:
                                                                  "--int8-kernel", k, "-o", str(d), "-q"))
         rows[f"qgraph w8a8-qsm --int8-kernel {kernel}"] = {"dir": d, "quant_s": seconds}
     tvm = tvm_rows(out, [r for r in args.tvm.split(",") if r], rows)
-    for name, seconds in ort_peers(fp32_onnx, out, calib, block_linear_nodes(fp32_onnx)).items():
+    peers = {} if args.latency_only else ort_peers(fp32_onnx, out, calib, block_linear_nodes(fp32_onnx))
+    for name, seconds in peers.items():
         rows[name] = {"dir": out / name, "quant_s": seconds}
 
     rows.update(tvm)
@@ -255,6 +258,9 @@ def main() -> None:
         row["size_mb"] = model_bytes(row["dir"]) / 1e6
 
     for name, fwd in sessions.items():
+        if args.latency_only:
+            rows[name]["ppl"] = float("nan")
+            continue
         print(f"[compare] perplexity {name}", file=sys.stderr, flush=True)
         rows[name]["ppl"] = perplexity(fwd, eval_windows, progress=False)["ppl"]
 
@@ -282,8 +288,9 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    (out / "scoreboard.md").write_text(table + "\n")
-    (out / "scoreboard.json").write_text(json.dumps(
+    stem = "latency" if args.latency_only else "scoreboard"  # a latency re-check keeps the full board's files
+    (out / f"{stem}.md").write_text(table + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(
         {"host": describe_host(), "rows": {n: {k: v for k, v in r.items() if k != "dir"} for n, r in rows.items()}},
         indent=2))
 
