@@ -41,7 +41,13 @@ def tensor_range(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray
 def qparams_from_range(
     lo: np.ndarray, hi: np.ndarray, spec: QuantSpec
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale (float32) and zero point (storage dtype) covering [lo, hi] in the spec's format."""
+    """Scale (float32) and zero point (storage dtype; float32 with float_zero_point) covering [lo, hi]."""
+    if spec.float_zero_point:  # [lo, hi] exactly, zero need not be a code (llama.cpp Q4_1)
+        lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+        safe = np.where(scale > 0, scale, 1.0)
+        zp = np.where(scale > 0, spec.qmin - lo / safe, spec.qmin - lo)  # a constant group: every code is lo
+        return safe.astype(np.float32), zp.astype(np.float32)
     lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
     hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
     if spec.is_float:
@@ -86,8 +92,8 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: Qua
     if spec.is_float:
         return np.clip(x / s, spec.qmin, spec.qmax).astype(spec.storage_dtype)
     z = broadcast_params(zero_point, x.shape, spec).astype(np.float32)
-    q = np.clip(np.round(x / s) + z, spec.qmin, spec.qmax)
-    return q.astype(spec.storage_dtype)
+    q = np.round(x / s + z) if spec.float_zero_point else np.round(x / s) + z
+    return np.clip(q, spec.qmin, spec.qmax).astype(spec.storage_dtype)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:

@@ -142,7 +142,7 @@ def test_recipes_lists_the_shipped_ones():
     assert [x["name"] for x in listed] == available()
     assert next(x for x in listed if x["name"] == "w4a16-awq")["passes"] == ["awq", "clip_search", "gptq"]
     r = CliRunner().invoke(app, ["recipes"])
-    assert r.exit_code == 0 and "shipped recipes (20" in r.output and "w8a8-smooth" in r.output
+    assert r.exit_code == 0 and "shipped recipes (21" in r.output and "w8a8-smooth" in r.output
 
 
 def test_recipes_name_shows_passes_options_and_formats(tmp_path):
@@ -161,7 +161,8 @@ def test_recipes_name_shows_passes_options_and_formats(tmp_path):
     damp = info["passes"][2]["options"][0]
     assert (damp["name"], damp["value"], damp["default"], damp["set"]) == ("damp", 0.01, 0.01, True)
     weights = {row["name"]: row["value"] for row in info["blocks"]["weights"]}
-    assert weights == {"format": "int4", "granularity": "group", "group_size": 128, "symmetric": False, "full_range": False}
+    assert weights == {"format": "int4", "granularity": "group", "group_size": 128, "symmetric": False, "full_range": False,
+                       "float_zero_point": False}
     assert info["blocks"]["activations"] is None and info["blocks"]["lowering"] == "matmulnbits"
     assert info["lm_head"] == "tied" and {row["name"]: row["value"] for row in info["embedding"]}["group_size"] == 32
     mine = tmp_path / "mine.yaml"

@@ -40,6 +40,15 @@ def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.nda
     block = spec.block_size
     nblocks = -(-k // block)
     q, scale, zp = quantize_tensor(w, spec)  # q [K, N]; scale, zp [nblocks, N]
+    if spec.float_zero_point:  # float zero points in code units, one per block (MatMulNBits' T1 form)
+        shift = 8 if spec.format == "int4" else 0
+        codes = q.astype(np.int16) + shift
+        padded = np.full((nblocks * block, n), shift, dtype=np.uint8)
+        padded[:k] = codes.astype(np.uint8)
+        per_block = padded.T.reshape(n, nblocks, block)
+        packed = (per_block[..., 0::2] | (per_block[..., 1::2] << 4)).astype(np.uint8)
+        scales = np.ascontiguousarray(scale.T).astype(np.float32).reshape(-1)
+        return packed, scales, (np.ascontiguousarray(zp.T).astype(np.float32) + shift).reshape(-1)
     if spec.format == "int4":
         codes = q.astype(np.int16) + 8
         zero_code = 8
@@ -168,6 +177,9 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                 "int8_kernel": self.int8_kernel.name}
 
     def _lower_weight_qdq(self, graph: ir.Graph, layer, spec: QuantSpec, storage: str = "int8") -> None:
+        if spec.float_zero_point:
+            raise QGraphError(f"layer {layer.name!r}: float_zero_point weights have no DequantizeLinear form "
+                              "(its zero point is an integer)", "use lowering: matmulnbits with 4-bit weights")
         w = weight_array(layer)
         q, scale, zp = quantize_tensor(w, spec)
         if storage == "uint8" and spec.storage_dtype is np.int8:

@@ -56,6 +56,11 @@ class QuantSpec:
     full_range: bool = False
     # Dynamic activations: the step covers clip x max|x| of each token or group (values beyond clip).
     clip: float = 1.0
+    # Asymmetric weights only: a float zero point, so each group's codes span exactly [min, max]
+    # (step (max - min) / (2^b - 1), zero point -min / step unrounded) and zero need not be on the
+    # grid. This is llama.cpp's Q4_1 (x = d q + m): a Q4_1 GGUF's dequantized weights come back to
+    # the same codes, losslessly. Lowered to MatMulNBits, whose CPU kernel takes float zero points.
+    float_zero_point: bool = False
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -73,6 +78,11 @@ class QuantSpec:
             raise QGraphError(f"granularity {self.granularity!r} needs an axis", "set axis")
         if self.granularity == "block" and not self.block_size:
             raise QGraphError("granularity 'block' needs block_size", "set block_size, e.g. 128")
+        if self.float_zero_point and (self.is_float or self.symmetric or self.granularity not in ("block", "channel")):
+            raise QGraphError(
+                f"float_zero_point applies to asymmetric integer weights per group or channel, not {self.format} "
+                f"{'symmetric' if self.symmetric else 'asymmetric'} per {self.granularity}",
+                "set symmetric: false and granularity: group, or drop float_zero_point")
         if self.full_range and (self.is_float or not self.symmetric or self.format.startswith("uint")):
             raise QGraphError(
                 f"full_range applies to symmetric signed integers, not {self.format} "

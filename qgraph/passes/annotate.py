@@ -12,10 +12,11 @@ from qgraph.recipes import LayerRule, Recipe, TensorRule
 def weight_spec(rule: TensorRule) -> QuantSpec:
     """Bind a weight rule to the logical [in, out] weight: channels are outputs, groups run along inputs."""
     if rule.granularity == "channel":
-        return QuantSpec(rule.format, "channel", axis=1, symmetric=rule.symmetric, full_range=rule.full_range)
+        return QuantSpec(rule.format, "channel", axis=1, symmetric=rule.symmetric, full_range=rule.full_range,
+                         float_zero_point=rule.float_zero_point)
     if rule.granularity == "group":
         return QuantSpec(rule.format, "block", axis=0, block_size=rule.group_size, symmetric=rule.symmetric,
-                         full_range=rule.full_range)
+                         full_range=rule.full_range, float_zero_point=rule.float_zero_point)
     return QuantSpec(rule.format, "tensor", symmetric=rule.symmetric, full_range=rule.full_range)
 
 

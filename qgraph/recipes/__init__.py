@@ -16,7 +16,7 @@ RECIPE_DIR = Path(__file__).parent
 _TOP_KEYS = {"name", "description", "layers", "passes", "weights", "activations", "lm_head", "embedding", "lowering",
              "int8_kernel"}
 _LAYER_KEYS = {"select", "skip"}
-WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range"}
+WEIGHT_KEYS = {"format", "granularity", "group_size", "symmetric", "full_range", "float_zero_point"}
 ACT_KEYS = {"format", "granularity", "group_size", "symmetric", "static", "observer", "clip"}
 EMBEDDING_KEYS = {"format", "granularity", "group_size"}
 _HEAD_KEYS = {"weights", "activations", "lowering"}
@@ -46,6 +46,8 @@ class TensorRule:
     static: bool = option(True, "activation ranges calibrated ahead of time (false: computed at run time)")
     observer: Literal["minmax"] = option("minmax", "how calibration turns activations into a range")
     full_range: bool = option(False, "symmetric signed integers also use code -2^(b-1) (as llama.cpp Q4_0)")
+    float_zero_point: bool = option(False, "asymmetric weights: an unrounded zero point, each group's codes spanning "
+                                           "exactly [min, max] (as llama.cpp Q4_1; MatMulNBits lowering only)")
     clip: float = option(1.0, "dynamic activations: each step covers clip x max|x| of its token or group "
                               "(values beyond are clipped); 1 clips nothing", gt=0, le=1)
 

@@ -53,6 +53,34 @@ def test_matmulnbits_packing_matches_numpy(k, n, block, fmt, sym, full):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["uint4", "int4"])
+def test_float_zero_point_recovers_q4_1_weights_exactly(fmt):
+    """Weights made as llama.cpp Q4_1 makes them (x = d q + m, fp16 d and m, every block using codes 0 and 15)
+    come back to the same codes: fake-quantizing them is lossless, and MatMulNBits computes x @ w."""
+    k, n, block = 96, 8, 32
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 16, size=(k, n))
+    q[0::block], q[1::block] = 0, 15  # Q4_1 maps each block's min to 0 and max to 15
+    d = rng.uniform(0.005, 0.05, size=(k // block, n)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.4, 0.1, size=(k // block, n)).astype(np.float16).astype(np.float32)
+    w = (np.repeat(d, block, axis=0) * q + np.repeat(m, block, axis=0)).astype(np.float32)
+    spec = QuantSpec(fmt, "block", axis=0, block_size=block, symmetric=False, float_zero_point=True)
+    np.testing.assert_allclose(fake_quantize(w, spec), w, rtol=0, atol=1e-6)
+    integer_zp = fake_quantize(w, QuantSpec(fmt, "block", axis=0, block_size=block, symmetric=False))
+    assert np.abs(integer_zp - w).max() > 1e-3  # a rounded zero point moves the grid off the weights
+    packed, scales, zps = pack_matmulnbits(w, spec)
+    assert zps.dtype == np.float32 and zps.shape == (n * k // block,)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    got = session_from_model(_matmulnbits_model(k, n, packed, scales, zps, block), threads=1, optimize=False).run(
+        None, {"a": x})[0]
+    np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_float_zero_point_needs_an_asymmetric_group_spec():
+    with pytest.raises(qgraph.QGraphError, match="float_zero_point applies to asymmetric"):
+        QuantSpec("uint4", "block", axis=0, block_size=32, symmetric=True, float_zero_point=True)
+
+
 def _calib(vocab=256, n=4, ctx=32) -> TokenWindows:
     ids = np.random.default_rng(7).integers(0, vocab, size=(n, ctx), dtype=np.int64)
     return TokenWindows(ids, 0, "random")
