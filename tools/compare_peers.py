@@ -24,7 +24,7 @@ removed, to show what the rotations buy. kv4 / kv2 quantize only the KV cache (f
 onnxruntime-genai and qgraph's own loop, onnxruntime-genai's model builder int4, and llama.cpp on the
 same GGUF (install it first with tools/setup_peers.sh), decode tokens/s at context 512 and perplexity:
 
-    python tools/compare_peers.py --generation [--out out/compare-gen] [--gen-recipes fp32,w8a8-qsm,w4a16-awq,w4a8-rot]
+    python tools/compare_peers.py --generation [--out out/compare-gen] [--gen-recipes fp32,w8a8-qsm,w4a16-awq,w4a16-q41,w4a8-rot]
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--generation", action="store_true", help="the generation board (KV cache, tokens/s) instead")
     ap.add_argument("--latency-only", action="store_true",
                     help="time the rows only (no ORT quantizer rows, no perplexity): re-checks latency on an idle machine")
-    ap.add_argument("--gen-recipes", default="fp32,w8a8-qsm,w4a16-awq,w4a8-rot", help="qgraph rows of --generation")
+    ap.add_argument("--gen-recipes", default="fp32,w8a8-qsm,w4a16-awq,w4a16-q41,w4a8-rot", help="qgraph rows of --generation")
     ap.add_argument("--steps", type=int, default=32, help="--generation: decode steps timed per round")
     ap.add_argument("--tvm", default=",".join(TVM_RECIPES), help="qgraph rows to also build with TVM llvm ('' for none)")
     ap.add_argument("--int8-kernels", default="s7,u8s8",

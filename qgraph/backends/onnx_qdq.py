@@ -273,26 +273,50 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                               "use lowering: qdq for Gemm layers")
         w = weight_array(layer)
         packed, scales, zps = pack_matmulnbits(w, spec)
+        k, n = w.shape
+        block = spec.block_size
+        x = layer.node.inputs[0]
+        correction = None
+        if zps is not None and zps.dtype == np.float32 and k % block == 0:
+            # Float zero points send ORT 1.32's CPU MatMulNBits to a slow path (SmolLM2: 15 tokens/s
+            # against 100). s (q - z) = s (q - 8) + s (8 - z): the fast kernel with its implied zero
+            # point 8, plus each block's constant s (8 - z) times the block's sum of x, which is two
+            # small MatMuls: x @ E (E [K, blocks] the block indicator, shared by every layer of width K)
+            # then @ C [blocks, N]. Exact up to float rounding.
+            blocks = k // block
+            shift = scales.reshape(n, blocks) * (8.0 - zps.reshape(n, blocks))
+            name = f"qgraph.block_sum_{k}x{block}"
+            if name in graph.initializers:
+                indicator = graph.initializers[name]
+            else:
+                indicator = add_initializer(graph, name, np.repeat(np.eye(blocks, dtype=np.float32), block, axis=0))
+            sums = ir.node("MatMul", [x, indicator], name=f"{layer.name}.block_sums")
+            correction = ir.node("MatMul", [sums.outputs[0], add_initializer(
+                graph, f"{layer.weight.name}_q4.zero_point_shift", np.ascontiguousarray(shift.T))],
+                name=f"{layer.name}.zero_point_shift")
+            zps = None
         # Named after the float weight it replaces (short); the layer name stays on the node.
         b_v = add_initializer(graph, f"{layer.weight.name}_q4", packed)
         base = b_v.name
-        inputs = [layer.node.inputs[0], b_v, add_initializer(graph, f"{base}.scales", scales)]
+        inputs = [x, b_v, add_initializer(graph, f"{base}.scales", scales)]
         if zps is not None:
             inputs.append(add_initializer(graph, f"{base}.zero_points", zps))
-        k, n = w.shape
         new = ir.node(
             "MatMulNBits", inputs, domain=MS_DOMAIN, name=layer.name,
-            attributes={"K": k, "N": n, "bits": 4, "block_size": spec.block_size,
-                        "accuracy_level": self.accuracy_level},
+            attributes={"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": self.accuracy_level},
         )
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         old_out = layer.node.outputs[0]
         # Type and shape are left to ORT's inference: no value_info entry, a smaller artifact.
         graph.insert_before(layer.node, new)
+        out = new
+        if correction is not None:
+            out = ir.node("Add", [new.outputs[0], correction.outputs[0]], name=f"{layer.name}.with_zero_points")
+            graph.insert_after(new, [sums, correction, out])
         old_name = old_out.name
-        old_out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+        old_out.replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
         graph.remove(layer.node, safe=True)
-        new.outputs[0].name = old_name
+        out.outputs[0].name = old_name
 
 
 def save_model(model: ir.Model, path: Path) -> list[Path]:

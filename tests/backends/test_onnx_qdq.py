@@ -157,3 +157,28 @@ def test_formats_without_fused_kernels_still_run(llama_captured, recipe, bound):
     dq_types = {compiled.model.graph.initializers[n.inputs[0].name].dtype for n in compiled.model.graph
                 if n.op_type == "DequantizeLinear" and n.inputs[0].name in compiled.model.graph.initializers}
     assert dq_types == ({ir.DataType.FLOAT8E4M3FN} if recipe == "fp8" else {ir.DataType.INT4})
+
+
+def test_float_zero_points_lower_to_the_fast_kernel_plus_a_block_sum_correction(llama_captured):
+    """w4a16-q41: MatMulNBits without zero points (ORT's fast path) + (x @ block indicator) @ s (8 - z), equal to
+    the float graph with the same fake-quantized weights up to the kernel's int8 activations (accuracy level 4)."""
+    from qgraph.ir.regions import find_linears, weight_array
+    from qgraph.ir.rewrite import set_linear_weight
+    from qgraph.passes.annotate import weight_spec
+    from qgraph.recipes import load_recipe
+
+    compiled = qgraph.compile(llama_captured, "w4a16-q41", progress=False)
+    graph = compiled.model.graph
+    nbits = [n for n in graph if n.op_type == "MatMulNBits" and n.name.startswith("model.layers")]
+    assert len(nbits) == 14 and all(len(n.inputs) == 3 for n in nbits)  # no zero-point input: the fast kernel
+    assert sum(n.name.endswith(".zero_point_shift") for n in graph) == 14
+    assert sorted(k for k in graph.initializers if k.startswith("qgraph.block_sum_")) == [
+        "qgraph.block_sum_160x32", "qgraph.block_sum_64x32"]  # one indicator per input width, shared
+    reference = llama_captured.model.clone()
+    spec = weight_spec(load_recipe("w4a16-q41").blocks.weights)
+    for layer in find_linears(reference):
+        if layer.name.startswith("model.layers"):
+            set_linear_weight(reference.graph, layer, fake_quantize(weight_array(layer), spec))
+    ids = np.random.default_rng(3).integers(0, 256, size=(1, 20), dtype=np.int64)
+    ref, got = _run(reference, ids), _run(compiled.model, ids)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
