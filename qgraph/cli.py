@@ -73,6 +73,9 @@ def compile_cmd(
     check_output_dir(out)
     if backend not in ("onnxruntime", "tvm"):
         raise QGraphError(f"unknown backend {backend!r}", "use --backend onnxruntime or --backend tvm")
+    if backend == "tvm" and kv_cache:
+        raise QGraphError("--kv-cache with --backend tvm: the TVM backend builds the fixed-length logits graph only",
+                          "drop --kv-cache, or use --backend onnxruntime for a KV-cache artifact")
     if backend == "tvm":
         from qgraph.backends.tvm import require_tvm
         from qgraph.backends.tvm.artifact import check_target

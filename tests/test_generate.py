@@ -104,6 +104,9 @@ def test_cli_compiles_with_a_cache_and_streams_text(tmp_path, llama_dir, text_fi
     assert set(res["decode_tokens_per_s"]) == {"128", "512", "1024"} and min(res["decode_tokens_per_s"].values()) > 0
     assert res["cache_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers x (K, V) x kv_heads x head_dim x float32
     assert_user_error(run_cli("generate", tmp_path / "nothing", "w1"), "not a qgraph artifact directory")
+    assert_user_error(run_cli("compile", llama_dir, "--kv-cache", "--backend", "tvm", "-o", tmp_path / "tvm"),
+                      "the TVM backend builds the fixed-length logits graph only")
+    assert not (tmp_path / "tvm").exists()
     # The cached graph recompiles from its model.onnx; a logits graph cannot gain a cache.
     r = run_cli("compile", out / "model.onnx", "--kv-cache", "--recipe", "fp32", "-o", tmp_path / "again", "-q")
     assert r.returncode == 0, r.stderr[-2000:]

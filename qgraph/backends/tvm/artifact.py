@@ -94,8 +94,12 @@ def save_artifact(compiled, out_dir: str | Path, *, target: str = "llvm", archs=
     """
     from qgraph.artifact import MANIFEST, REPORT, dir_size, write_atomically, write_json
     from qgraph.backends.tvm import cuda as C
+    from qgraph.ir.feeds import has_cache
     from qgraph.progress import status
 
+    if has_cache(compiled.model.graph.inputs):
+        raise QGraphError("the TVM backend builds the fixed-length logits graph only; this one has a KV cache",
+                          "capture without kv_cache, or save this one for ONNX Runtime (compiled.save)")
     archs = check_target(target, archs)  # before the long lowering
     t0 = time.perf_counter()
     tgt = host_target() if target == "llvm" else C.base_target(archs)
