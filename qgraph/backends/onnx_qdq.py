@@ -40,21 +40,15 @@ def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.nda
     block = spec.block_size
     nblocks = -(-k // block)
     q, scale, zp = quantize_tensor(w, spec)  # q [K, N]; scale, zp [nblocks, N]
+    shift = 8 if spec.format == "int4" else 0  # signed codes are stored as q + 8
+    codes = q.astype(np.int16) + shift
     if spec.float_zero_point:  # float zero points in code units, one per block (MatMulNBits' T1 form)
-        shift = 8 if spec.format == "int4" else 0
-        codes = q.astype(np.int16) + shift
-        padded = np.full((nblocks * block, n), shift, dtype=np.uint8)
-        padded[:k] = codes.astype(np.uint8)
-        per_block = padded.T.reshape(n, nblocks, block)
-        packed = (per_block[..., 0::2] | (per_block[..., 1::2] << 4)).astype(np.uint8)
-        scales = np.ascontiguousarray(scale.T).astype(np.float32).reshape(-1)
-        return packed, scales, (np.ascontiguousarray(zp.T).astype(np.float32) + shift).reshape(-1)
-    if spec.format == "int4":
-        codes = q.astype(np.int16) + 8
+        zero_code = shift
+        zero_points = (np.ascontiguousarray(zp.T).astype(np.float32) + shift).reshape(-1)
+    elif spec.format == "int4":
         zero_code = 8
         zero_points = None if spec.symmetric else (zp.astype(np.int16) + 8).astype(np.uint8)
     else:
-        codes = q.astype(np.int16)
         zero_code = int(zp.reshape(-1)[0]) if spec.symmetric else 0
         zero_points = None if spec.symmetric and zero_code == 8 else zp.astype(np.uint8)
     padded = np.full((nblocks * block, n), zero_code, dtype=np.uint8)
@@ -62,7 +56,7 @@ def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.nda
     per_block = padded.T.reshape(n, nblocks, block)
     packed = (per_block[..., 0::2] | (per_block[..., 1::2] << 4)).astype(np.uint8)
     scales = np.ascontiguousarray(scale.T).astype(np.float32).reshape(-1)
-    if zero_points is not None:
+    if zero_points is not None and not spec.float_zero_point:  # uint4 zero points, two per byte
         zt = np.full((n, nblocks + (nblocks % 2)), 8, dtype=np.uint8)
         zt[:, :nblocks] = zero_points.T
         zero_points = (zt[:, 0::2] | (zt[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
@@ -277,7 +271,7 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         block = spec.block_size
         x = layer.node.inputs[0]
         correction = None
-        if zps is not None and zps.dtype == np.float32 and k % block == 0:
+        if spec.float_zero_point and k % block == 0:
             # Float zero points send ORT 1.32's CPU MatMulNBits to a slow path (SmolLM2: 15 tokens/s
             # against 100). s (q - z) = s (q - 8) + s (8 - z): the fast kernel with its implied zero
             # point 8, plus each block's constant s (8 - z) times the block's sum of x, which is two
