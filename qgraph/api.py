@@ -285,6 +285,7 @@ class Runner:
     name: str
     kind: str
     vocab: int = 1000
+    session: Any = None  # the ONNX Runtime session behind forward, when there is one (generate steps it)
 
     @classmethod
     def from_session(cls, session, tokenizer, name: str) -> Runner:
@@ -296,7 +297,7 @@ class Runner:
         def forward(ids: np.ndarray) -> np.ndarray:
             return session.run([logits], token_feeds(inputs, ids))[0]
 
-        return cls(forward, tokenizer, name, "onnxruntime", vocab if isinstance(vocab, int) else 1000)
+        return cls(forward, tokenizer, name, "onnxruntime", vocab if isinstance(vocab, int) else 1000, session)
 
     @classmethod
     def from_torch(cls, module, tokenizer, name: str) -> Runner:
@@ -378,17 +379,16 @@ def evaluate(
     decode_from=N (a KV-cache artifact): each window's first N tokens in one pass, the rest one token
     per step with the cache, as generation runs ('decode_from' in the result).
     """
+    from qgraph.eval.embedding import DEFAULT_SENTENCES, encoder_source, evaluate_encoder
+    from qgraph.eval.perplexity import perplexity
+
     if decode_from is not None:
         from qgraph.generate import cached_forward, open_decoder
 
         decoder, tokenizer = open_decoder(target, threads=threads)
         spans = evaluation_windows(tokenizer, text, windows=windows, ctx=ctx)
-        from qgraph.eval.perplexity import perplexity
-
         result = perplexity(cached_forward(decoder, decode_from), spans, progress=progress)
         return {**result, "model": str(target), "runtime": "onnxruntime (KV cache)", "decode_from": decode_from}
-    from qgraph.eval.embedding import DEFAULT_SENTENCES, encoder_source, evaluate_encoder
-    from qgraph.eval.perplexity import perplexity
 
     source = encoder_source(target)
     if source is not None:
@@ -408,20 +408,13 @@ def bench(target: Any, *, threads: int = 2, runs: int = 10, prefill_tokens: int 
     one: prefill and a single-token forward (median of `runs`), a proxy for decode."""
     from qgraph.eval.bench import bench as _bench
     from qgraph.eval.bench import bench_generation
+    from qgraph.generate import Decoder
+    from qgraph.ir.feeds import has_cache
 
-    if not isinstance(target, Runner):
-        from qgraph.generate import open_decoder
-
-        try:
-            decoder, _ = open_decoder(target, threads=threads)
-        except QGraphError:
-            decoder = None  # not an ONNX Runtime artifact: the runner below says why, or runs TVM
-        if decoder is not None and decoder.cached:
-            vocab = decoder.session.get_outputs()[0].shape[-1]
-            result = bench_generation(decoder, prompts=(128, prefill_tokens) if prefill_tokens != 128 else (128,),
-                                      contexts=contexts, steps=steps, runs=max(1, min(runs, 5)),
-                                      vocab=vocab if isinstance(vocab, int) else 1000)
-            return {**result, "kv_cache": True, "threads": threads, "model": str(target)}
     runner = target if isinstance(target, Runner) else open_runner(target, threads=threads)
+    if runner.session is not None and has_cache(runner.session.get_inputs()):
+        result = bench_generation(Decoder(runner.session), prompts=(128, prefill_tokens) if prefill_tokens != 128 else (128,),
+                                  contexts=contexts, steps=steps, runs=max(1, min(runs, 5)), vocab=runner.vocab)
+        return {**result, "kv_cache": True, "threads": threads, "model": runner.name if target is runner else str(target)}
     return {**_bench(runner.forward, prefill_tokens=prefill_tokens, runs=runs, vocab=runner.vocab),
             "kv_cache": False, "threads": threads, "model": runner.name}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from qgraph.errors import QGraphError
-from qgraph.ir.feeds import CACHE_INPUT, CACHE_OUTPUT, empty_past, has_cache
+from qgraph.ir.feeds import CACHE_INPUT, CACHE_OUTPUT, empty_past, has_cache, token_feeds
 
 
 @dataclasses.dataclass
@@ -64,17 +64,11 @@ class Decoder:
 
     def step(self, ids: np.ndarray, cache: dict[str, np.ndarray], past: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Logits for `ids` [batch, seq] after `past` cached tokens, and the cache that includes them."""
-        batch, seq = ids.shape
-        feeds = {self.inputs[0].name: ids}
-        names = {v.name for v in self.inputs}
-        if "attention_mask" in names:
-            feeds["attention_mask"] = np.ones((batch, past + seq), dtype=np.int64)
-        if "position_ids" in names:
-            feeds["position_ids"] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
-        feeds.update(cache)
+        feeds = token_feeds(self.inputs, ids, past=past, cache=cache if self.cached else None)
         outs = self.session.run([self.logits, *self.present_names], feeds)
-        past = {CACHE_OUTPUT.sub(r"past_key_values.\1.\2", n): a for n, a in zip(self.present_names, outs[1:], strict=True)}
-        return outs[0], past
+        # present.N.* of this step is the next step's past_key_values.N.*
+        present = {CACHE_OUTPUT.sub(r"past_key_values.\1.\2", n): a for n, a in zip(self.present_names, outs[1:], strict=True)}
+        return outs[0], present
 
 
 def cached_forward(decoder: Decoder, prompt: int):
@@ -141,13 +135,13 @@ def run_generation(decoder: Decoder, prompt_ids: Sequence[int], *, max_new_token
 
 def open_decoder(target: Any, threads: int = 2) -> tuple[Decoder, Any]:
     """A decoder and the tokenizer (or None) for an artifact directory, an .onnx file or a CompiledModel."""
-    from qgraph.api import CompiledModel, _ort_session_checked
+    from qgraph.api import CompiledModel, open_runner
     from qgraph.artifact import read_manifest
-    from qgraph.backends.onnx_qdq import session_from_file, session_from_model
-    from qgraph.ir.capture import MANIFEST, load_tokenizer
+    from qgraph.ir.capture import MANIFEST
 
     if isinstance(target, CompiledModel):
-        return Decoder(session_from_model(target.model, threads=threads)), target.tokenizer
+        runner = target.runner(threads)
+        return Decoder(runner.session), runner.tokenizer
     if not isinstance(target, (str, Path)):
         raise QGraphError(f"cannot generate from {type(target).__name__}", "pass an artifact directory or an .onnx file")
     path = Path(target)
@@ -159,12 +153,11 @@ def open_decoder(target: Any, threads: int = 2) -> tuple[Decoder, Any]:
         if manifest.get("backend", "onnxruntime") != "onnxruntime":
             raise QGraphError(f"artifact {str(path)!r} is built for {manifest.get('backend')}: generate runs "
                               "ONNX Runtime artifacts", "compile it with --backend onnxruntime --kv-cache")
-        session = _ort_session_checked(session_from_file, path / manifest.get("model_file", "model.onnx"), threads)
-        return Decoder(session), load_tokenizer(path)
-    if path.is_file() and path.suffix == ".onnx":
-        return Decoder(_ort_session_checked(session_from_file, path, threads)), load_tokenizer(path.parent)
-    raise QGraphError(f"{str(target)!r} is not a qgraph artifact directory or an .onnx file",
-                      "compile one first: qgraph compile --kv-cache -o DIR")
+    elif not (path.is_file() and path.suffix == ".onnx"):
+        raise QGraphError(f"{str(target)!r} is not a qgraph artifact directory or an .onnx file",
+                          "compile one first: qgraph compile --kv-cache -o DIR")
+    runner = open_runner(path, threads=threads)  # the checked session and the tokenizer, as eval opens them
+    return Decoder(runner.session), runner.tokenizer
 
 
 def generate(target: Any, prompt: str | Sequence[int], *, max_new_tokens: int = 32, temperature: float = 0.0,

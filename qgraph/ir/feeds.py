@@ -54,8 +54,13 @@ def empty_past(v, batch: int) -> np.ndarray:
     return np.zeros((batch, dims[1], 0, dims[3]), dtype=_float_dtype(v))
 
 
-def token_feeds(inputs: Iterable[Any], ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for token ids [batch, seq] (the first input takes the ids, whatever its name and rank)."""
+def token_feeds(inputs: Iterable[Any], ids: np.ndarray, *, past: int = 0,
+                cache: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Feeds for token ids [batch, seq] (the first input takes the ids, whatever its name and rank).
+
+    With `cache` (the past_key_values of `past` earlier tokens) the mask covers past + seq tokens and
+    the positions start at `past`; without it the past is empty.
+    """
     inputs = list(inputs)
     feeds = {inputs[0].name: ids}
     if not any(fed_from_ids(v.name) for v in inputs[1:]):
@@ -63,9 +68,9 @@ def token_feeds(inputs: Iterable[Any], ids: np.ndarray) -> dict[str, np.ndarray]
     batch, seq = ids.shape
     for v in inputs[1:]:
         if v.name == "attention_mask":
-            feeds[v.name] = np.ones((batch, seq), dtype=np.int64)
+            feeds[v.name] = np.ones((batch, past + seq), dtype=np.int64)
         elif v.name == "position_ids":
-            feeds[v.name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+            feeds[v.name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
         elif is_cache_input(v.name):
-            feeds[v.name] = empty_past(v, batch)
+            feeds[v.name] = cache[v.name] if cache is not None else empty_past(v, batch)
     return feeds
