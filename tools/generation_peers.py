@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 ONNX_THREADS = 2
+CONTEXT = 512  # prompt tokens before the timed decode steps
+VOCAB = 49152  # SmolLM2's: the random prompts' id range
 
 
 def hf_checkpoint(out: Path) -> Path:
@@ -190,9 +192,6 @@ def builder_perplexity(folder: Path, windows, threads: int) -> float:
 
     return perplexity(forward, windows, progress=False)["ppl"]
 
-
-CONTEXT = 512
-VOCAB = 49152
 
 
 def generation_board(out: Path, recipes: list[str], *, runs: int, steps: int, windows, threads: int,
