@@ -60,6 +60,9 @@ class CompiledModel:
     recipe: Recipe
     layers: list[dict]
     report: dict
+    # A KV-cache graph's runtime copy: attention fused into GroupQueryAttention (qgraph.backends.ort_attention),
+    # same weights; written as model.ort.onnx, what qgraph's runners and onnxruntime-genai load.
+    runtime: Any = None
 
     def manifest(self) -> dict:
         g = self.model.graph
@@ -67,6 +70,7 @@ class CompiledModel:
             "format_version": FORMAT_VERSION,
             "backend": "onnxruntime",
             "model_file": "model.onnx",
+            **({"runtime_file": _runtime_file()} if self.runtime is not None else {}),
             "recipe": self.recipe.name,
             "recipe_spec": self.recipe.to_dict(),
             "source": self.source,
@@ -88,6 +92,7 @@ class CompiledModel:
         """
         from qgraph.backends.genai import check_genai_source, write_genai_config
         from qgraph.backends.onnx_qdq import save_model
+        from qgraph.backends.ort_attention import RUNTIME_FILE, save_runtime_graph
         from qgraph.ir.feeds import has_cache
         from qgraph.progress import status
 
@@ -100,10 +105,13 @@ class CompiledModel:
             t = time.perf_counter()
             with status("saving artifact", enabled=progress):
                 files = save_model(self.model, tmp / "model.onnx")
+                if self.runtime is not None:
+                    files.append(save_runtime_graph(self.runtime, tmp / RUNTIME_FILE, tmp / "model.onnx"))
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(str(tmp))
             if decoder is not None:
-                write_genai_config(tmp, decoder)
+                write_genai_config(tmp, decoder, RUNTIME_FILE if self.runtime is not None else "model.onnx",
+                                   share_buffer=self.runtime is not None)
             write_json(tmp / MANIFEST, self.manifest())
             report = dict(self.report)
             report["timings_s"] = dict(report.get("timings_s", {}), save=round(time.perf_counter() - t, 3))
@@ -127,7 +135,14 @@ class CompiledModel:
     def runner(self, threads: int = 2) -> Runner:
         from qgraph.backends.onnx_qdq import session_from_model
 
-        return Runner.from_session(session_from_model(self.model, threads=threads), self.tokenizer, self.recipe.name)
+        graph = self.runtime if self.runtime is not None else self.model
+        return Runner.from_session(session_from_model(graph, threads=threads), self.tokenizer, self.recipe.name)
+
+
+def _runtime_file() -> str:
+    from qgraph.backends.ort_attention import RUNTIME_FILE
+
+    return RUNTIME_FILE
 
 
 def _describe_value(v) -> dict:
@@ -169,6 +184,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
 
     from qgraph.backends.onnx_qdq import LowerToOnnxPass, int8_kernel_record
     from qgraph.ir.checks import check_compilable, extra_inputs, left_in_float
+    from qgraph.ir.feeds import has_cache
     from qgraph.passes.annotate import AnnotateLinearsPass
     from qgraph.passes.calibrate_ranges import CalibrateRangesPass
     from qgraph.passes.drop_nan_guard import DropNanGuardPass
@@ -247,7 +263,16 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
         # Which int8 GEMM ORT runs and the CPU the SQNR above was measured on (MLAS picks kernels by CPUID).
         "int8_gemm": int8_kernel_record(graph_model),
     }
-    return CompiledModel(graph_model, model.tokenizer, model.source, recipe, layers, report)
+    runtime = None
+    if has_cache(graph_model.graph.inputs) and runs_in_ort:
+        from qgraph.backends.ort_attention import runtime_graph
+        from qgraph.progress import status
+
+        t = time.perf_counter()
+        with status("fusing attention for ONNX Runtime (GroupQueryAttention) and checking it", enabled=progress):
+            runtime, report["ort_fusion"] = runtime_graph(graph_model, model.source.get("decoder"))
+        report["timings_s"]["ort_fusion"] = round(time.perf_counter() - t, 3)
+    return CompiledModel(graph_model, model.tokenizer, model.source, recipe, layers, report, runtime)
 
 
 def _layer_sqnr(model: CapturedModel, reference, lowered, layers: list[str], calib, progress: bool) -> dict[str, float]:
@@ -311,8 +336,11 @@ class Runner:
         return cls(forward, tokenizer, name, "torch", vocab)
 
 
-def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True) -> Runner:
-    """A runner for an artifact dir, an .onnx file, a HF dir / .gguf (torch), or a compiled model."""
+def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, runtime: bool = True) -> Runner:
+    """A runner for an artifact dir, an .onnx file, a HF dir / .gguf (torch), or a compiled model.
+
+    runtime=False opens an artifact's model.onnx even where it has a fused model.ort.onnx beside it.
+    """
     from qgraph.backends.onnx_qdq import session_from_file
 
     if isinstance(target, CompiledModel):
@@ -337,6 +365,8 @@ def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True) 
             from qgraph.ir.capture import load_tokenizer
 
             model_file = path / manifest.get("model_file", "model.onnx")
+            if runtime and (path / manifest.get("runtime_file", "-")).is_file():
+                model_file = path / manifest["runtime_file"]  # the fused-attention copy: same function, faster
             session = _ort_session_checked(session_from_file, model_file, threads)
             return Runner.from_session(session, load_tokenizer(path), manifest.get("recipe", path.name))
         if path.is_file() and path.suffix == ".onnx":

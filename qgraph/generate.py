@@ -43,10 +43,58 @@ class Generation:
                 "decode_tokens_per_s": round(self.tokens_per_s, 3)}
 
 
-class Decoder:
-    """One ONNX Runtime session of a causal LM graph, with or without a KV cache."""
+class SharedCache:
+    """A KV cache written in place: per past input one [batch, kv_heads, capacity, head_dim] buffer.
 
-    def __init__(self, session):
+    GroupQueryAttention appends a step's keys and values into the buffer it reads the past from when
+    past and present are the same memory (onnxruntime-genai's past_present_share_buffer), so a step
+    copies nothing of the cache; without it every step copies the whole cache into a new present.
+    The numpy buffers are the OrtValues' memory (ortvalue_from_numpy wraps, it does not copy).
+    """
+
+    def __init__(self, template: dict[str, np.ndarray], capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.arrays = {n: np.zeros((*a.shape[:2], capacity, a.shape[3]), dtype=a.dtype) for n, a in template.items()}
+        self._wrap()
+
+    def _wrap(self) -> None:
+        import onnxruntime as ort
+
+        self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.arrays.items()}
+
+    def reserve(self, total: int) -> None:
+        """Room for `total` tokens: a new buffer of twice the size with the valid tokens copied, when it is short."""
+        if total <= self.capacity:
+            return
+        capacity = max(total, 2 * self.capacity)
+        grown = {}
+        for n, a in self.arrays.items():
+            b = np.zeros((*a.shape[:2], capacity, a.shape[3]), dtype=a.dtype)
+            b[:, :, : self.length] = a[:, :, : self.length]
+            grown[n] = b
+        self.arrays, self.capacity = grown, capacity
+        self._wrap()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The valid part of one cache tensor, [batch, kv_heads, length, head_dim] (a view)."""
+        return self.arrays[name][:, :, : self.length]
+
+    def keys(self):
+        return self.arrays.keys()
+
+
+class Decoder:
+    """One ONNX Runtime session of a causal LM graph, with or without a KV cache.
+
+    share_buffer (default: what the graph's metadata says, set on qgraph's fused-attention graphs)
+    keeps the cache in SharedCache buffers bound to the session, instead of numpy arrays fed in and
+    returned every step.
+    """
+
+    def __init__(self, session, share_buffer: bool | None = None):
+        from qgraph.backends.ort_attention import MAX_POSITIONS_KEY, SHARE_BUFFER_KEY
+
         self.session = session
         self.inputs = session.get_inputs()
         outputs = [o.name for o in session.get_outputs()]
@@ -57,18 +105,54 @@ class Decoder:
         if self.cached and len(self.present_names) != len(self.past_names):
             raise QGraphError(f"the graph has {len(self.past_names)} past_key_values inputs but "
                               f"{len(self.present_names)} present outputs", "recompile the artifact with --kv-cache")
+        meta = session.get_modelmeta().custom_metadata_map
+        if share_buffer is None:
+            share_buffer = meta.get(SHARE_BUFFER_KEY) == "1"
+        self.max_positions = int(meta[MAX_POSITIONS_KEY]) if MAX_POSITIONS_KEY in meta else None
+        self.shared = bool(share_buffer and self.cached)
+        self._binding = session.io_binding() if self.shared else None
 
-    def start(self, batch: int = 1) -> dict[str, np.ndarray]:
-        """An empty cache for `batch` sequences."""
-        return {v.name: empty_past(v, batch) for v in self.inputs if CACHE_INPUT.match(v.name)}
+    def start(self, batch: int = 1, capacity: int = 256) -> dict[str, np.ndarray] | SharedCache:
+        """An empty cache for `batch` sequences (with a shared buffer: room for `capacity` tokens, grown on demand)."""
+        empty = {v.name: empty_past(v, batch) for v in self.inputs if CACHE_INPUT.match(v.name)}
+        return SharedCache(empty, capacity) if self.shared else empty
 
-    def step(self, ids: np.ndarray, cache: dict[str, np.ndarray], past: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def bytes_per_token(self) -> int:
+        """Bytes the cache grows by per token and sequence: every past tensor's kv_heads x head_dim x element size."""
+        return sum(a.shape[1] * a.shape[3] * a.itemsize for a in (empty_past(v, 1) for v in self.inputs
+                                                                    if CACHE_INPUT.match(v.name)))
+
+    def step(self, ids: np.ndarray, cache, past: int) -> tuple[np.ndarray, Any]:
         """Logits for `ids` [batch, seq] after `past` cached tokens, and the cache that includes them."""
+        if self.max_positions is not None and past + ids.shape[1] > self.max_positions:
+            raise QGraphError(f"{past + ids.shape[1]} tokens are more than the {self.max_positions} positions this "
+                              "graph's rotary caches hold", "shorten the prompt or --max-new-tokens")
+        if self.shared:
+            return self._shared_step(ids, cache, past)
         feeds = token_feeds(self.inputs, ids, past=past, cache=cache if self.cached else None)
         outs = self.session.run([self.logits, *self.present_names], feeds)
         # present.N.* of this step is the next step's past_key_values.N.*
         present = {CACHE_OUTPUT.sub(r"past_key_values.\1.\2", n): a for n, a in zip(self.present_names, outs[1:], strict=True)}
         return outs[0], present
+
+    def _shared_step(self, ids: np.ndarray, cache: SharedCache, past: int) -> tuple[np.ndarray, SharedCache]:
+        if past != cache.length:
+            raise ValueError(f"the shared cache holds {cache.length} tokens, the step says {past}")
+        cache.reserve(past + ids.shape[1])
+        io = self._binding
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for name, value in token_feeds(self.inputs, ids, past=past, cache=cache.values).items():
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                io.bind_ortvalue_input(name, value)
+        io.bind_output(self.logits)
+        for name in self.present_names:  # the present is the past's own buffer
+            io.bind_ortvalue_output(name, cache.values[CACHE_OUTPUT.sub(r"past_key_values.\1.\2", name)])
+        self.session.run_with_iobinding(io)
+        cache.length = past + ids.shape[1]
+        return io.get_outputs()[0].numpy(), cache
 
 
 def cached_forward(decoder: Decoder, prompt: int):
@@ -81,7 +165,7 @@ def cached_forward(decoder: Decoder, prompt: int):
 
     def forward(ids: np.ndarray) -> np.ndarray:
         first = max(1, min(prompt, ids.shape[1]))
-        logits, cache = decoder.step(ids[:, :first], decoder.start(ids.shape[0]), 0)
+        logits, cache = decoder.step(ids[:, :first], decoder.start(ids.shape[0], capacity=ids.shape[1]), 0)
         rows = [logits]
         for t in range(first, ids.shape[1]):
             logits, cache = decoder.step(ids[:, t:t + 1], cache, t)
@@ -113,7 +197,7 @@ def run_generation(decoder: Decoder, prompt_ids: Sequence[int], *, max_new_token
     stop = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     ids = np.asarray([list(prompt_ids)], dtype=np.int64)
     new: list[int] = []
-    cache = decoder.start() if decoder.cached else {}
+    cache = decoder.start(capacity=ids.shape[1] + max_new_tokens) if decoder.cached else {}
     t0 = time.perf_counter()
     logits, cache = decoder.step(ids, cache, 0)
     prefill = time.perf_counter() - t0

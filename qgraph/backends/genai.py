@@ -3,8 +3,10 @@
 onnxruntime-genai (`og.Model(dir)`, `og.Generator`) reads the decoder graph, its input/output names
 and the model's sizes from genai_config.json, and the tokenizer from tokenizer.json beside it. A
 qgraph KV-cache artifact already has onnxruntime-genai's names and tokenizer files, so the folder is
-the artifact with this one file more. The cache is grown by Concat in the graph, not written in place
-into a max-length buffer, hence past_present_share_buffer false.
+the artifact with this one file more. Where the artifact has its fused-attention runtime graph
+(model.ort.onnx: GroupQueryAttention writes the cache in place into a max-length buffer), the folder
+names that graph and sets past_present_share_buffer, as the model builder does; the unfused graph
+grows the cache by Concat, hence past_present_share_buffer false.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def check_genai_source(source: dict, has_cache: bool) -> dict:
     return decoder
 
 
-def genai_config(decoder: dict, model_file: str = "model.onnx") -> dict:
+def genai_config(decoder: dict, model_file: str = "model.onnx", share_buffer: bool = False) -> dict:
     """genai_config.json for a decoder-only model (greedy search by default; og's set_search_options overrides)."""
     eos = decoder.get("eos_token_id")
     pad = decoder.get("pad_token_id")
@@ -60,15 +62,15 @@ def genai_config(decoder: dict, model_file: str = "model.onnx") -> dict:
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": decoder["context_length"], "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
 
 
-def write_genai_config(directory: Path, decoder: dict, model_file: str = "model.onnx") -> Path:
+def write_genai_config(directory: Path, decoder: dict, model_file: str = "model.onnx", share_buffer: bool = False) -> Path:
     from qgraph.artifact import write_json
 
     path = Path(directory) / GENAI_CONFIG
-    write_json(path, genai_config(decoder, model_file))
+    write_json(path, genai_config(decoder, model_file, share_buffer))
     return path

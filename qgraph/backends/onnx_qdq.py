@@ -359,7 +359,11 @@ def session_from_model(model: ir.Model, threads: int = 2, optimize: bool = True)
     originals: dict[str, ir.TensorProtocol] = {}
     for name, value in graph.initializers.items():
         tensor = value.const_value
-        if tensor is None or tensor.nbytes < _IN_MEMORY_MIN_BYTES:
+        if tensor is None:
+            continue
+        if tensor.nbytes < _IN_MEMORY_MIN_BYTES:
+            if isinstance(tensor, ir.ExternalTensor):  # a loaded artifact's small tensor: inline it, the bytes have no directory
+                originals[name], value.const_value = tensor, ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
             continue
         array = tensor.numpy()
         if array.dtype not in _ARRAY_DTYPES:

@@ -76,7 +76,7 @@ def decode_rate(decoder, context: int, steps: int, *, vocab: int, seed: int = 0)
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, vocab, size=(1, context), dtype=np.int64)
     t = time.perf_counter()
-    logits, cache = decoder.step(prompt, decoder.start(), 0)
+    logits, cache = decoder.step(prompt, decoder.start(capacity=context + steps + 1), 0)
     prefill = (time.perf_counter() - t) * 1e3
     token = np.asarray([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
     t = time.perf_counter()
@@ -88,7 +88,7 @@ def decode_rate(decoder, context: int, steps: int, *, vocab: int, seed: int = 0)
 
 def cache_bytes_per_token(decoder) -> int:
     """Bytes the cache grows by per token: every past tensor's kv_heads x head_dim x element size."""
-    return sum(a.shape[1] * a.shape[3] * a.itemsize for a in decoder.start().values())
+    return decoder.bytes_per_token()
 
 
 def bench_generation(decoder, *, prompts: tuple[int, ...] = (128, 512), contexts: tuple[int, ...] = (128, 512, 1024),

@@ -302,7 +302,10 @@ class CausalLMWithCache(torch.nn.Module):
                 "num_key_value_heads": self.kv_heads, "head_size": self.head_dim, "hidden_size": int(c.hidden_size),
                 "vocab_size": int(c.vocab_size), "context_length": int(getattr(c, "max_position_embeddings", 2048) or 2048),
                 "bos_token_id": token("bos_token_id"), "eos_token_id": token("eos_token_id"),
-                "pad_token_id": token("pad_token_id")}
+                "pad_token_id": token("pad_token_id"),
+                # A sliding-window model keeps its attention unfused (ort_attention): GQA's mask is causal only.
+                "sliding_window": (int(c.sliding_window) if getattr(c, "sliding_window", None)
+                                   and getattr(c, "use_sliding_window", True) else None)}
 
     @property
     def input_names(self) -> list[str]:

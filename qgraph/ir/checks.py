@@ -20,6 +20,9 @@ from qgraph.ir.feeds import fed_from_ids
 
 # The default ONNX domain (two spellings), ONNX-ML and ONNX Runtime's contrib ops (MatMulNBits, ...).
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+# What qgraph.backends.ort_attention writes into a runtime graph (and onnxruntime-genai's builder emits).
+FUSED_FOR_RUNTIME = frozenset({"GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
+                               "MultiHeadAttention", "RotaryEmbedding"})
 
 
 def _nodes(graph: ir.Graph, where: str | None = None) -> Iterator[tuple[ir.Node, str | None]]:
@@ -50,6 +53,12 @@ def check_compilable(model: ir.Model, *, runs_graph: bool) -> None:
                 f"node {node.name!r}{inside} is {node.domain}::{node.op_type}, an op domain ONNX Runtime does not know",
                 "export the model with standard ONNX ops (or ONNX Runtime's com.microsoft ops): "
                 "qgraph runs every graph it compiles in ONNX Runtime",
+            )
+        if node.op_type in FUSED_FOR_RUNTIME:  # SimplifiedLayerNormalization sits in the ONNX domain in ORT
+            raise QGraphError(
+                f"node {node.name!r} is ONNX Runtime's fused {node.op_type}: this is a runtime graph "
+                "(model.ort.onnx or an onnxruntime-genai folder's model), whose attention and norms qgraph's passes cannot read",
+                "compile from the artifact's model.onnx (same weights, unfused), the checkpoint or the .gguf",
             )
     for value, what in _weights(model):
         _check_finite(value, what)

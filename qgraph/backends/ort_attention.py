@@ -1,0 +1,484 @@
+"""ONNX Runtime's fused decoder attention for KV-cache graphs: one GroupQueryAttention per block.
+
+The exported decoder step spends most of a generated token outside its linears: per layer about
+seventy small ops (head split, RoPE's slices and negations, the cache Concat, GQA's head repeat,
+scale, mask, softmax, merge). ONNX Runtime's com.microsoft GroupQueryAttention does all of it in one
+kernel, as onnxruntime-genai's model builder emits it. onnxscript's ort_fusions has a GQA rule, but
+it matches only one mask construction and its RoPE rule needs a cos/sin-cache form this export
+does not have (0 of 30 blocks matched on SmolLM2), so the rewrite is here, on the attention blocks
+`qgraph.ir.attention` finds:
+
+  q, k, v projections [B, S, H*D] -> Reshape -> Transpose(0,2,1,3) -> RoPE on q and k
+  k, v -> Concat(past, new) = present -> head repeat -> q k^T (scalar scales) + mask -> Softmax -> @ v
+  -> Transpose(0,2,1,3) -> Reshape [B, S, H*D]
+
+becomes GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
+cos_cache, sin_cache, position_ids) with do_rotary=1 and the present outputs under their old names.
+RoPE must be the rotate-half form (x cos + rotate_half(x) sin) with cos and sin computed from
+position_ids alone: the caches are those values evaluated at positions 0..context-1, so any RoPE
+scaling the model applies is in them. The mask must be the causal one plus attention_mask padding,
+which GQA derives from seqlens_k; a model with a sliding window is left unfused. A block that does
+not match keeps its ops and is reported with the reason; `verify_fusion` checks the fused graph
+against the unfused one on a prompt and cached decode steps before an artifact records it.
+
+RMSNorm and residual-add + RMSNorm become (Skip)SimplifiedLayerNormalization through onnxscript's
+own rules, which do match this export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.ir.attention import Attention, find_attention
+from qgraph.ir.feeds import CACHE_INPUT, CACHE_OUTPUT
+from qgraph.ir.regions import Rejection
+
+MS = "com.microsoft"
+LAYOUT = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity")
+
+
+class _NoMatch(Exception):
+    """A block GroupQueryAttention cannot express; the message says why."""
+
+
+@dataclasses.dataclass
+class FusionReport:
+    fused: list[str] = dataclasses.field(default_factory=list)
+    refused: list[Rejection] = dataclasses.field(default_factory=list)
+    norms: int = 0
+    skip_norms: int = 0
+
+    def to_dict(self) -> dict:
+        return {"attention_fused": len(self.fused), "attention_refused": [dataclasses.asdict(r) for r in self.refused],
+                "rms_norms": self.norms, "skip_rms_norms": self.skip_norms}
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None:
+        return None
+    tensor = ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    a = _const(value)
+    return float(a.reshape(-1)[0]) if a is not None and a.size == 1 else None
+
+
+def _producer(value: ir.Value | None, op_type: str | tuple[str, ...], what: str) -> ir.Node:
+    node = value.producer() if value is not None else None
+    ops = (op_type,) if isinstance(op_type, str) else op_type
+    if node is None or node.op_type not in ops or node.domain not in ("", "ai.onnx"):
+        found = "a graph input" if node is None else f"{node.op_type} {node.name!r}"
+        raise _NoMatch(f"{what}: expected {' or '.join(ops)}, found {found}")
+    return node
+
+
+def _scaled_chain(value: ir.Value, stop: ir.Value) -> float:
+    """The product of the scalar Mul/Div on the layout-only path from `value` back to `stop`."""
+    scale = 1.0
+    while value is not stop:
+        node = value.producer()
+        if node is None:
+            raise _NoMatch(f"{value.name!r} is not computed from {stop.name!r} by layout ops and scalar scales")
+        if node.op_type in LAYOUT:
+            value = node.inputs[0]
+            continue
+        if node.op_type in ("Mul", "Div"):
+            a, b = node.inputs
+            if (c := _scalar(b)) is not None:
+                scale, value = (scale * c if node.op_type == "Mul" else scale / c), a
+                continue
+            if node.op_type == "Mul" and (c := _scalar(a)) is not None:
+                scale, value = scale * c, b
+                continue
+        raise _NoMatch(f"{node.op_type} {node.name!r} between the cache and q k^T is not a layout op or a scalar scale")
+    return scale
+
+
+def _head_split(value: ir.Value, what: str) -> ir.Value:
+    """x = Transpose(0,2,1,3)(Reshape(lin)): the projection output lin [B, S, H*D]."""
+    t = _producer(value, "Transpose", f"{what} head split")
+    if tuple(t.attributes.get_ints("perm", ())) != (0, 2, 1, 3):
+        raise _NoMatch(f"{what} head split: Transpose {t.name!r} has perm {t.attributes.get_ints('perm')}, not (0, 2, 1, 3)")
+    r = _producer(t.inputs[0], "Reshape", f"{what} head split")
+    return r.inputs[0]
+
+
+def _rotate_half_of(value: ir.Value) -> ir.Value | None:
+    """x when value = Concat(-x[..., D/2:], x[..., :D/2]) on the last axis, else None."""
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+        return None
+    neg, first = (v.producer() for v in node.inputs)
+    if neg is None or neg.op_type != "Neg" or first is None or first.op_type != "Slice":
+        return None
+    second = neg.inputs[0].producer()
+    if second is None or second.op_type != "Slice" or second.inputs[0] is not first.inputs[0]:
+        return None
+    starts = [_const(s.inputs[1]) for s in (first, second)]
+    axes = [_const(s.inputs[3]) if len(s.inputs) > 3 else None for s in (first, second)]
+    if any(a is None for a in starts) or any(a is None or int(a.reshape(-1)[0]) not in (-1, 3) for a in axes):
+        return None
+    if int(starts[0].reshape(-1)[0]) != 0 or int(starts[1].reshape(-1)[0]) <= 0:
+        return None
+    return first.inputs[0]
+
+
+def _rope(value: ir.Value, what: str) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(x, cos, sin) when value = x * cos + rotate_half(x) * sin."""
+    add = _producer(value, "Add", f"{what} RoPE")
+    muls = [_producer(v, "Mul", f"{what} RoPE") for v in add.inputs]
+    for rot_mul, plain_mul in (muls, muls[::-1]):
+        for i in (0, 1):
+            x = _rotate_half_of(rot_mul.inputs[i])
+            if x is None:
+                continue
+            sin = rot_mul.inputs[1 - i]
+            for j in (0, 1):
+                if plain_mul.inputs[j] is x:
+                    return x, plain_mul.inputs[1 - j], sin
+    raise _NoMatch(f"{what} RoPE: {add.name!r} is not x * cos + rotate_half(x) * sin")
+
+
+def _cache_concat(cached: ir.Value, graph: ir.Graph, what: str) -> tuple[ir.Value, ir.Value]:
+    """(past input, new tensor) of the Concat that makes present.N.{key,value}."""
+    cat = _producer(cached, "Concat", f"{what} cache")
+    if len(cat.inputs) != 2 or cat.attributes.get_int("axis", 0) not in (2, -2):
+        raise _NoMatch(f"{what} cache: Concat {cat.name!r} is not Concat(past, new) on the token axis")
+    past, new = cat.inputs
+    if past not in graph.inputs or not CACHE_INPUT.match(past.name or ""):
+        raise _NoMatch(f"{what} cache: {cat.name!r} does not read a past_key_values input")
+    if cached not in graph.outputs or not CACHE_OUTPUT.match(cached.name or ""):
+        raise _NoMatch(f"{what} cache: {cached.name!r} is not a present output")
+    return past, new
+
+
+def _merged_output(mix: ir.Node) -> ir.Value:
+    """The [B, S, H*D] value after P V's Transpose(0,2,1,3) and Reshape."""
+    users = [u for u, _ in mix.outputs[0].uses()]
+    if len(users) != 1 or users[0].op_type != "Transpose" or tuple(users[0].attributes.get_ints("perm", ())) != (0, 2, 1, 3):
+        raise _NoMatch(f"the output of {mix.name!r} is not merged back by one Transpose(0, 2, 1, 3)")
+    users = [u for u, _ in users[0].outputs[0].uses()]
+    if len(users) != 1 or users[0].op_type != "Reshape":
+        raise _NoMatch(f"the heads after {mix.name!r} are not merged by one Reshape")
+    return users[0].outputs[0]
+
+
+def _strip_scale(value: ir.Value) -> tuple[ir.Value, float]:
+    """(x, c) when value is x multiplied or divided by scalar constants (c their product)."""
+    scale = 1.0
+    while (node := value.producer()) is not None and node.op_type in ("Mul", "Div") and len(node.inputs) == 2:
+        a, b = node.inputs
+        if (c := _scalar(b)) is not None:
+            scale, value = (scale * c if node.op_type == "Mul" else scale / c), a
+        elif node.op_type == "Mul" and (c := _scalar(a)) is not None:
+            scale, value = scale * c, b
+        else:
+            break
+    return value, scale
+
+
+def _mask_scale(att: Attention) -> float:
+    """The scalar scale between q k^T and the Softmax; the additive mask there is taken as GQA's causal one."""
+    softmax = _producer(att.mix.inputs[0], "Softmax", f"P V {att.mix.name!r}")
+    if softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        raise _NoMatch(f"Softmax {softmax.name!r} is not over the last axis")
+    scores = att.scores.outputs[0]
+    value, scale = _strip_scale(softmax.inputs[0])
+    while value is not scores:
+        node = _producer(value, "Add", "between q k^T and the Softmax (GQA applies only a scale and the causal mask)")
+        a, b = node.inputs
+        carries = a is scores or (a.producer() is not None and a.producer().op_type in ("Mul", "Div", "Add"))
+        value, c = _strip_scale(a if carries else b)
+        scale *= c
+    return scale
+
+
+@dataclasses.dataclass
+class _Block:
+    name: str
+    q: ir.Value
+    k: ir.Value
+    v: ir.Value
+    past_k: ir.Value
+    past_v: ir.Value
+    present_k: ir.Value
+    present_v: ir.Value
+    out: ir.Value
+    cos: ir.Value
+    sin: ir.Value
+    heads: int
+    kv_heads: int
+    head: int
+    scale: float
+
+
+def _match(att: Attention, graph: ir.Graph) -> _Block:
+    past_k, k_new = _cache_concat(att.key.value, graph, "key")
+    past_v, v_new = _cache_concat(att.value.value, graph, "value")
+    k_x, cos, sin = _rope(k_new, "key")
+    q_roped, q_scale = _strip_scale(att.scores.inputs[0])
+    q_x, q_cos, q_sin = _rope(q_roped, "query")
+    if q_cos is not cos or q_sin is not sin:
+        raise _NoMatch("query and key are rotated with different cos/sin tensors")
+    k_scale = _scaled_chain(att.scores.inputs[1], att.key.value)
+    if _scaled_chain(att.mix.inputs[1], att.value.value) != 1.0:
+        raise _NoMatch("V is scaled between the cache and P V")
+    q, k, v = _head_split(q_x, "query"), _head_split(k_x, "key"), _head_split(v_new, "value")
+    return _Block(att.name, q, k, v, past_k, past_v, att.key.value, att.value.value, _merged_output(att.mix), cos, sin,
+                  0, 0, att.key.channels, q_scale * k_scale * _mask_scale(att))
+
+
+def _width(value: ir.Value) -> int | None:
+    shape = value.shape
+    return shape[-1] if shape is not None and len(shape) and isinstance(shape[-1], int) else None
+
+
+def _set_heads(model: ir.Model, blocks: list[_Block]) -> list[tuple[_Block, str]]:
+    """Head counts from the projections' widths (shape inference or, where a contrib op left none, one probe run)."""
+    from qgraph.ir.attention import _ort_probe
+
+    unknown = [x for b in blocks for x in (b.q, b.k, b.v) if _width(x) is None]
+    probed = {n: s[-1] for n, s in _ort_probe(model, list(dict.fromkeys(x.name for x in unknown)), 11).items()} if unknown else {}
+    bad = []
+    for b in blocks:
+        dims = [_width(x) or probed[x.name] for x in (b.q, b.k, b.v)]
+        if any(d % b.head for d in dims) or dims[1] != dims[2]:
+            bad.append((b, f"projection widths {dims} are not multiples of the head size {b.head} with k and v alike"))
+            continue
+        b.heads, b.kv_heads = dims[0] // b.head, dims[1] // b.head
+    return bad
+
+
+def _rotary_caches(graph: ir.Graph, cos: ir.Value, sin: ir.Value, positions: ir.Value, length: int,
+                   head: int) -> tuple[np.ndarray, np.ndarray]:
+    """GQA's cos/sin caches [length, head/2]: the graph's own cos and sin at positions 0..length-1."""
+    from qgraph.backends.onnx_qdq import session_from_model
+
+    try:
+        sub = ir.convenience.extract(graph, inputs=[positions], outputs=[cos, sin])
+    except ValueError:
+        raise _NoMatch("RoPE's cos/sin are not computed from position_ids alone") from None
+    model = ir.Model(sub, ir_version=10)
+    model.opset_imports.update(graph.opset_imports)
+    session = session_from_model(model, threads=1, optimize=False)
+    feeds = {sub.inputs[0].name: np.arange(length, dtype=np.int64)[None, :]}
+    c, s = (a.reshape(length, -1) for a in session.run(None, feeds))
+    if c.shape[1] != head:
+        raise _NoMatch(f"RoPE covers {c.shape[1]} of {head} head channels (partial rotary)")
+    half = head // 2
+    if not (np.allclose(c[:, :half], c[:, half:]) and np.allclose(s[:, :half], s[:, half:])):
+        raise _NoMatch("cos/sin are not the rotate-half layout (both halves equal)")
+    return np.ascontiguousarray(c[:, :half], np.float32), np.ascontiguousarray(s[:, :half], np.float32)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    if name in graph.initializers:
+        return graph.initializers[name]
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """seqlens_k = sum(attention_mask, 1) - 1 (int32 [B]) and total_sequence_length (int32 scalar), as GQA wants."""
+    one = _initializer(graph, "qgraph.gqa.one", np.array([1], np.int64))
+    total_sum = ir.node("ReduceSum", [mask, one], attributes={"keepdims": 0}, name="qgraph.gqa.mask_sum")
+    minus = ir.node("Sub", [total_sum.outputs[0], _initializer(graph, "qgraph.gqa.one_scalar", np.array(1, np.int64))],
+                    name="qgraph.gqa.past_plus_seq_minus_one")
+    seqlens = ir.node("Cast", [minus.outputs[0]], attributes={"to": ir.DataType.INT32}, name="qgraph.gqa.seqlens_k")
+    shape = ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="qgraph.gqa.mask_width")
+    squeeze = ir.node("Squeeze", [shape.outputs[0]], name="qgraph.gqa.total_length_i64")
+    total = ir.node("Cast", [squeeze.outputs[0]], attributes={"to": ir.DataType.INT32}, name="qgraph.gqa.total_length")
+    nodes = [total_sum, minus, seqlens, shape, squeeze, total]
+    graph.extend(nodes)
+    seqlens.outputs[0].name, total.outputs[0].name = "qgraph.gqa.seqlens_k", "qgraph.gqa.total_sequence_length"
+    return seqlens.outputs[0], total.outputs[0]
+
+
+def fuse_attention(model: ir.Model, *, context: int = 4096, sliding_window: int | None = None) -> FusionReport:
+    """Rewrite, in place, every matching attention block of a KV-cache graph into GroupQueryAttention.
+
+    `context` sizes the cos/sin caches (positions beyond it are out of range for the fused graph);
+    a `sliding_window` (from the model's config) leaves every block unfused, since GQA's causal mask
+    would not apply it on prompts longer than the window.
+    """
+    report = FusionReport()
+    graph = model.graph
+    names = {v.name: v for v in graph.inputs}
+    if "attention_mask" not in names or "position_ids" not in names:
+        report.refused.append(Rejection("graph", "no attention_mask / position_ids inputs (not a KV-cache decoder graph)"))
+        return report
+    blocks, rejected = find_attention(model)
+    report.refused += rejected
+    if sliding_window:
+        report.refused += [Rejection(b.name, f"sliding window of {sliding_window} tokens: GQA's local_window_size "
+                                             "is not verified here, the block stays unfused") for b in blocks]
+        return report
+    matched: list[_Block] = []
+    for att in blocks:
+        try:
+            matched.append(_match(att, graph))
+        except _NoMatch as exc:
+            report.refused.append(Rejection(att.name, str(exc)))
+    if not matched:
+        return report
+    for block, reason in _set_heads(model, matched):
+        matched.remove(block)
+        report.refused.append(Rejection(block.name, reason))
+    caches: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+    seqlens = total = None
+    for block in matched:
+        key = (id(block.cos), id(block.sin))
+        if key not in caches:
+            try:
+                c, s = _rotary_caches(graph, block.cos, block.sin, names["position_ids"], context, block.head)
+            except _NoMatch as exc:
+                report.refused.append(Rejection(block.name, str(exc)))
+                continue
+            i = len(caches)
+            caches[key] = (_initializer(graph, f"qgraph.gqa.cos_cache.{i}", c),
+                           _initializer(graph, f"qgraph.gqa.sin_cache.{i}", s))
+        if seqlens is None:
+            seqlens, total = _sequence_lengths(graph, names["attention_mask"])
+        cos_cache, sin_cache = caches[key]
+        gqa = ir.node("GroupQueryAttention",
+                      [block.q, block.k, block.v, block.past_k, block.past_v, seqlens, total, cos_cache, sin_cache,
+                       names["position_ids"]],
+                      attributes={"num_heads": block.heads, "kv_num_heads": block.kv_heads, "do_rotary": 1,
+                                  "rotary_interleaved": 0, "scale": float(block.scale)},
+                      domain=MS, num_outputs=3, name=f"{block.name}.GroupQueryAttention")
+        graph.insert_after(block.out.producer(), gqa)
+        out, present_k, present_v = gqa.outputs
+        ir.convenience.replace_all_uses_with(block.out, out)
+        for old, new in ((block.present_k, present_k), (block.present_v, present_v)):
+            i = list(graph.outputs).index(old)
+            name = old.name
+            old.name = f"{name}.unfused"
+            new.name, new.shape, new.type = name, old.shape, old.type
+            graph.outputs[i] = new
+        out.name, out.shape, out.type = f"{block.name}.attention", block.out.shape, block.out.type
+        report.fused.append(block.name)
+    if report.fused:
+        model.opset_imports.setdefault(MS, 1)
+        ir.passes.common.RemoveUnusedNodesPass()(model)
+    report.norms, report.skip_norms = _fuse_norms(model)
+    return report
+
+
+def _fuse_norms(model: ir.Model) -> tuple[int, int]:
+    """RMSNorm -> SimplifiedLayerNormalization, Add + RMSNorm -> SkipSimplifiedLayerNormalization (onnxscript's rules)."""
+    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
+    from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
+
+    norms = fuse_rms_normalization(model)
+    skips = fuse_skip_rms_normalization(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    return int(norms), int(skips)
+
+
+SHARE_BUFFER_KEY = "qgraph.past_present_share_buffer"
+MAX_POSITIONS_KEY = "qgraph.max_positions"
+MIN_POSITIONS = 8192
+RUNTIME_FILE = "model.ort.onnx"
+VERIFY_PROMPT, VERIFY_STEPS = 13, 4
+VERIFY_ATOL = 1e-3  # logits are O(10): float reassociation in one fused kernel stays far below this
+
+
+def _accuracy_levels(model: ir.Model, level: int | None) -> dict[str, int]:
+    """Set every MatMulNBits' accuracy_level (None: restore nothing, just read); returns the old levels by node name."""
+    old = {}
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            old[node.name] = node.attributes.get_int("accuracy_level", 0)
+            if level is not None:
+                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+    return old
+
+
+def _restore_levels(model: ir.Model, old: dict[str, int]) -> None:
+    for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.name in old:
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", old[node.name])
+
+
+def verify_fusion(reference: ir.Model, fused: ir.Model, *, seed: int = 0) -> float:
+    """Max |logit and present difference| of the fused graph against the unfused one: a prompt, then cached steps.
+
+    Both run with MatMulNBits at accuracy_level 0 (float activations) for the check: at level 4 the
+    kernel rounds its input to int8 per block, so a last-bit difference in a fused op's output can
+    move one activation code and the comparison would measure that rounding, not the rewrite.
+    """
+    from qgraph.backends.onnx_qdq import session_from_model
+    from qgraph.generate import Decoder
+
+    vocab = next((v.const_value.shape[0] for v in reference.graph.initializers.values()
+                  if v.const_value is not None and len(v.const_value.shape) == 2), 100)
+    ids = np.random.default_rng(seed).integers(0, max(2, min(vocab, 1000)), size=(1, VERIFY_PROMPT + VERIFY_STEPS))
+    results = []
+    for model in (reference, fused):
+        old = _accuracy_levels(model, 0)
+        try:
+            decoder = Decoder(session_from_model(model, threads=2), share_buffer=False)
+        finally:
+            _restore_levels(model, old)
+        logits, cache = decoder.step(ids[:, :VERIFY_PROMPT], decoder.start(), 0)
+        rows = [logits]
+        for t in range(VERIFY_PROMPT, ids.shape[1]):
+            logits, cache = decoder.step(ids[:, t:t + 1], cache, t)
+            rows.append(logits)
+        results.append((np.concatenate(rows, axis=1), cache))
+    (a, ca), (b, cb) = results
+    return float(max(np.abs(a - b).max(), *(np.abs(ca[k] - cb[k]).max() for k in ca)))
+
+
+def runtime_graph(model: ir.Model, decoder: dict | None) -> tuple[ir.Model | None, dict]:
+    """The fused copy of a KV-cache graph ONNX Runtime runs (None when no block fused or the check failed), and its report.
+
+    The copy shares the weights of `model`; `model` itself is not changed.
+    """
+    decoder = decoder or {}
+    fused = model.clone()
+    # Positions the cos/sin caches cover: the model's context, and at least MIN_POSITIONS (the unfused
+    # graph computes RoPE at any position; a model with a short declared context still runs longer).
+    positions = max(int(decoder.get("context_length") or 0), MIN_POSITIONS)
+    report = fuse_attention(fused, context=positions, sliding_window=decoder.get("sliding_window"))
+    out = report.to_dict()
+    if not report.fused:
+        return None, out
+    err = verify_fusion(model, fused)
+    out["verified_max_abs_diff"] = err
+    if not np.isfinite(err) or err > VERIFY_ATOL:
+        out["refused"] = f"the fused graph differs from the unfused one by {err:.3g} (> {VERIFY_ATOL}): kept unfused"
+        return None, out
+    fused.metadata_props[SHARE_BUFFER_KEY] = "1"
+    fused.metadata_props[MAX_POSITIONS_KEY] = str(positions)
+    out["max_positions"] = positions
+    return fused, out
+
+
+def save_runtime_graph(runtime: ir.Model, path: Path, saved_model: Path) -> Path:
+    """Write the runtime graph beside the artifact's saved model.onnx, reading the same weights file.
+
+    Its initializers that model.onnx stores in model.onnx.data are written as references to those
+    bytes (the two graphs share every weight), so the runtime copy costs only its new cos/sin caches.
+    """
+    saved = ir.load(saved_model)
+    swapped: dict[str, ir.TensorProtocol] = {}
+    for name, value in runtime.graph.initializers.items():
+        src = saved.graph.initializers.get(name)
+        if src is not None and isinstance(src.const_value, ir.ExternalTensor):
+            swapped[name], value.const_value = value.const_value, src.const_value
+    try:
+        proto = ir.serde.serialize_model(runtime)
+    finally:
+        for name, tensor in swapped.items():
+            runtime.graph.initializers[name].const_value = tensor
+    path.write_bytes(proto.SerializeToString())
+    return path
