@@ -106,7 +106,7 @@ class CompiledModel:
             with status("saving artifact", enabled=progress):
                 files = save_model(self.model, tmp / "model.onnx")
                 if self.runtime is not None:
-                    files.append(save_runtime_graph(self.runtime, tmp / RUNTIME_FILE, tmp / "model.onnx"))
+                    files += save_runtime_graph(self.runtime, tmp / RUNTIME_FILE, tmp / "model.onnx")
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(str(tmp))
             if decoder is not None:

@@ -255,6 +255,42 @@ def _set_heads(model: ir.Model, blocks: list[_Block]) -> list[tuple[_Block, str]
     return bad
 
 
+def _packed_projection(graph: ir.Graph, block: _Block) -> ir.Value | None:
+    """One MatMulNBits for q, k and v when all three are MatMulNBits of the same input and format (None otherwise).
+
+    GroupQueryAttention takes the packed [B, S, (H + 2 Hkv) D] output as its query: one int4 GEMV
+    of 960 rows instead of three (576, 192, 192) per token, as the model builder packs them. The
+    packed weight, scales and zero points are the three concatenated along N, row for row.
+    """
+    nodes = [v.producer() for v in (block.q, block.k, block.v)]
+    if any(n is None or n.op_type != "MatMulNBits" or n.domain != MS for n in nodes):
+        return None
+    first = nodes[0]
+    same = ("K", "bits", "block_size", "accuracy_level")
+    if any(n.inputs[0] is not first.inputs[0] or len(n.inputs) != len(first.inputs) or
+           any(n.attributes.get_int(a) != first.attributes.get_int(a) for a in same) for n in nodes[1:]):
+        return None
+    arrays = []
+    for i in range(1, len(first.inputs)):
+        parts = [_const(n.inputs[i]) if n.inputs[i] is not None else None for n in nodes]
+        if all(p is None for p in parts):
+            arrays.append(None)
+            continue
+        if any(p is None for p in parts) or len({p.dtype for p in parts}) != 1:
+            return None
+        # Scales and zero points may be flat (N-major): the rows of each node follow one another either way.
+        arrays.append(np.concatenate(parts, axis=0))
+    name = f"{block.name}.qkv_proj"
+    inputs = [first.inputs[0]] + [None if a is None else _initializer(graph, f"{name}.input{i + 1}", a)
+                                  for i, a in enumerate(arrays)]
+    attrs = {a.name: a.value for a in first.attributes.values()}
+    attrs["N"] = sum(n.attributes.get_int("N") for n in nodes)
+    packed = ir.node("MatMulNBits", inputs, attributes=attrs, domain=MS, name=name)
+    graph.insert_before(first, packed)
+    packed.outputs[0].name = f"{name}.output"
+    return packed.outputs[0]
+
+
 def _rotary_caches(graph: ir.Graph, cos: ir.Value, sin: ir.Value, positions: ir.Value, length: int,
                    head: int) -> tuple[np.ndarray, np.ndarray]:
     """GQA's cos/sin caches [length, head/2]: the graph's own cos and sin at positions 0..length-1."""
@@ -348,9 +384,10 @@ def fuse_attention(model: ir.Model, *, context: int = 4096, sliding_window: int 
         if seqlens is None:
             seqlens, total = _sequence_lengths(graph, names["attention_mask"])
         cos_cache, sin_cache = caches[key]
+        qkv = _packed_projection(graph, block)
         gqa = ir.node("GroupQueryAttention",
-                      [block.q, block.k, block.v, block.past_k, block.past_v, seqlens, total, cos_cache, sin_cache,
-                       names["position_ids"]],
+                      [*((qkv, None, None) if qkv is not None else (block.q, block.k, block.v)),
+                       block.past_k, block.past_v, seqlens, total, cos_cache, sin_cache, names["position_ids"]],
                       attributes={"num_heads": block.heads, "kv_num_heads": block.kv_heads, "do_rotary": 1,
                                   "rotary_interleaved": 0, "scale": float(block.scale)},
                       domain=MS, num_outputs=3, name=f"{block.name}.GroupQueryAttention")
@@ -372,11 +409,22 @@ def fuse_attention(model: ir.Model, *, context: int = 4096, sliding_window: int 
     return report
 
 
+def _contrib_shapes(model: ir.Model) -> None:
+    """Output shapes for MatMulNBits (ONNX shape inference does not know contrib ops): the input's with N last."""
+    for node in model.graph:
+        if node.op_type == "MatMulNBits" and node.outputs[0].shape is None:
+            x, n = node.inputs[0], node.attributes.get_int("N")
+            if x.shape is not None and n is not None:
+                node.outputs[0].shape = ir.Shape([*x.shape[:-1], n])
+                node.outputs[0].type = x.type
+
+
 def _fuse_norms(model: ir.Model) -> tuple[int, int]:
     """RMSNorm -> SimplifiedLayerNormalization, Add + RMSNorm -> SkipSimplifiedLayerNormalization (onnxscript's rules)."""
     from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
     from onnxscript.rewriter.ort_fusions.skip_normalization import fuse_skip_rms_normalization
 
+    _contrib_shapes(model)  # the skip rule checks both Add inputs' shapes
     norms = fuse_rms_normalization(model)
     skips = fuse_skip_rms_normalization(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -386,6 +434,7 @@ def _fuse_norms(model: ir.Model) -> tuple[int, int]:
 SHARE_BUFFER_KEY = "qgraph.past_present_share_buffer"
 MAX_POSITIONS_KEY = "qgraph.max_positions"
 MIN_POSITIONS = 8192
+OWN_DATA_MIN_BYTES = 1 << 16  # the runtime graph's tensors above this go to model.ort.onnx.data
 RUNTIME_FILE = "model.ort.onnx"
 VERIFY_PROMPT, VERIFY_STEPS = 13, 4
 VERIFY_ATOL = 1e-3  # logits are O(10): float reassociation in one fused kernel stays far below this
@@ -463,22 +512,39 @@ def runtime_graph(model: ir.Model, decoder: dict | None) -> tuple[ir.Model | Non
     return fused, out
 
 
-def save_runtime_graph(runtime: ir.Model, path: Path, saved_model: Path) -> Path:
+def save_runtime_graph(runtime: ir.Model, path: Path, saved_model: Path) -> list[Path]:
     """Write the runtime graph beside the artifact's saved model.onnx, reading the same weights file.
 
-    Its initializers that model.onnx stores in model.onnx.data are written as references to those
-    bytes (the two graphs share every weight), so the runtime copy costs only its new cos/sin caches.
+    Initializers model.onnx stores in model.onnx.data are written as references to those bytes (the
+    graphs share every weight); the runtime graph's own large tensors (packed q/k/v weights) go to
+    model.ort.onnx.data, the small ones (cos/sin caches, constants) inline. Returns the files written.
     """
     saved = ir.load(saved_model)
+    data = path.with_name(path.name + ".data")
     swapped: dict[str, ir.TensorProtocol] = {}
-    for name, value in runtime.graph.initializers.items():
-        src = saved.graph.initializers.get(name)
-        if src is not None and isinstance(src.const_value, ir.ExternalTensor):
-            swapped[name], value.const_value = value.const_value, src.const_value
+    offset = 0
+    with open(data, "wb") as f:
+        for name, value in runtime.graph.initializers.items():
+            tensor = value.const_value
+            src = saved.graph.initializers.get(name)
+            if src is not None and isinstance(src.const_value, ir.ExternalTensor):
+                swapped[name], value.const_value = tensor, src.const_value
+            elif tensor is not None and tensor.nbytes > max(OWN_DATA_MIN_BYTES, 1024):  # never a shape or axes constant
+                raw = tensor.tobytes()
+                offset += -offset % 64  # aligned, as onnx_ir aligns external data
+                f.seek(offset)
+                f.write(raw)
+                swapped[name] = tensor
+                value.const_value = ir.ExternalTensor(data.name, offset=offset, length=len(raw), dtype=tensor.dtype,
+                                                      shape=tensor.shape, name=name, base_dir=path.parent)
+                offset += len(raw)
     try:
         proto = ir.serde.serialize_model(runtime)
     finally:
         for name, tensor in swapped.items():
             runtime.graph.initializers[name].const_value = tensor
     path.write_bytes(proto.SerializeToString())
-    return path
+    if offset == 0:
+        data.unlink()
+        return [path]
+    return [path, data]

@@ -71,7 +71,7 @@ def test_quantized_graph_fuses_and_its_check_runs_at_float_accuracy(llama_cache_
                               calib=qgraph.CalibConfig(text=str(text_file), windows=2, ctx=32))
     report = compiled.report["ort_fusion"]
     assert report["attention_fused"] == 2 and report["verified_max_abs_diff"] < 1e-4
-    assert _ops(compiled.runtime)["MatMulNBits"] == _ops(compiled.model)["MatMulNBits"] > 0
+    assert _ops(compiled.runtime)["MatMulNBits"] == _ops(compiled.model)["MatMulNBits"] - 4 > 0  # q, k, v packed
     levels = {n.attributes.get_int("accuracy_level") for n in compiled.runtime.graph if n.op_type == "MatMulNBits"}
     assert levels == {4}  # the check's accuracy_level 0 is restored on both graphs
     assert {n.attributes.get_int("accuracy_level") for n in compiled.model.graph if n.op_type == "MatMulNBits"} == {4}
@@ -118,3 +118,23 @@ def test_positions_past_the_rotary_caches_are_a_clear_error(fp32_runtime):
     assert decoder.max_positions == 8192
     with pytest.raises(qgraph.QGraphError, match="more than the 8192 positions"):
         decoder.step(np.zeros((1, 2), np.int64), decoder.start(), 8191)
+
+
+def test_packed_qkv_and_its_own_data_file(llama_cache_captured, text_file, tmp_path, monkeypatch):
+    import qgraph.backends.ort_attention as ort_attention
+    from qgraph.backends.onnx_qdq import session_from_file
+
+    compiled = qgraph.compile(llama_cache_captured, recipe="w4a16", progress=False,
+                              calib=qgraph.CalibConfig(text=str(text_file), windows=2, ctx=32))
+    runtime_ops, model_ops = _ops(compiled.runtime), _ops(compiled.model)
+    # q, k and v: one MatMulNBits per layer, read by GroupQueryAttention as its packed query
+    assert runtime_ops["MatMulNBits"] == model_ops["MatMulNBits"] - 2 * 2
+    packed = [n for n in compiled.runtime.graph if n.name.endswith(".qkv_proj")]
+    assert len(packed) == 2 and packed[0].attributes.get_int("N") == 64 + 2 * 32
+    monkeypatch.setattr(ort_attention, "OWN_DATA_MIN_BYTES", 0)  # every tensor of its own into model.ort.onnx.data
+    out = compiled.save(tmp_path / "w4a16-kv", progress=False)
+    assert (out / "model.ort.onnx.data").stat().st_size > 0
+    ids = np.random.default_rng(1).integers(0, 250, size=(1, 12))
+    want = _decode(Decoder(session_from_model(compiled.runtime)), ids, 5)[0]
+    got = _decode(Decoder(session_from_file(out / "model.ort.onnx")), ids, 5)[0]
+    np.testing.assert_array_equal(got, want)
