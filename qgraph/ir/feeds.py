@@ -38,10 +38,14 @@ def _dims(shape) -> list[int | None]:
     return [d if isinstance(d, int) else None for d in (shape or [])]
 
 
+_ORT_TYPES = {"tensor(float16)": np.float16, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
 def _float_dtype(v) -> type:
+    """The cache tensor's element type: float32, float16, or a quantized cache's uint8 / int8 codes."""
     t = getattr(v, "type", None)  # ORT NodeArg: 'tensor(float16)'
     if isinstance(t, str):
-        return np.float16 if "float16" in t else np.float32
+        return _ORT_TYPES.get(t, np.float32)
     dtype = getattr(v, "dtype", None)  # onnx_ir value
     return dtype.numpy() if dtype is not None else np.float32
 
