@@ -52,19 +52,14 @@ class SharedCache:
     The numpy buffers are the OrtValues' memory (ortvalue_from_numpy wraps, it does not copy).
     """
 
-    def __init__(self, template: dict[str, np.ndarray], capacity: int):
-        self.capacity = capacity
-        self.length = 0
-        self.arrays = {n: np.zeros((*a.shape[:2], capacity, a.shape[3]), dtype=a.dtype) for n, a in template.items()}
-        self._wrap()
-
-    def _wrap(self) -> None:
-        import onnxruntime as ort
-
-        self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.arrays.items()}
+    def __init__(self, empty: dict[str, np.ndarray], capacity: int):
+        self.arrays, self.capacity, self.length = empty, 0, 0  # zero-length tensors: the shapes and dtypes
+        self.reserve(capacity)
 
     def reserve(self, total: int) -> None:
         """Room for `total` tokens: a new buffer of twice the size with the valid tokens copied, when it is short."""
+        import onnxruntime as ort
+
         if total <= self.capacity:
             return
         capacity = max(total, 2 * self.capacity)
@@ -74,7 +69,7 @@ class SharedCache:
             b[:, :, : self.length] = a[:, :, : self.length]
             grown[n] = b
         self.arrays, self.capacity = grown, capacity
-        self._wrap()
+        self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.arrays.items()}
 
     def __getitem__(self, name: str) -> np.ndarray:
         """The valid part of one cache tensor, [batch, kv_heads, length, head_dim] (a view)."""
@@ -102,6 +97,8 @@ class Decoder:
         self.cached = has_cache(self.inputs)
         self.past_names = [v.name for v in self.inputs if CACHE_INPUT.match(v.name)]
         self.present_names = [n for n in outputs if CACHE_OUTPUT.match(n)]
+        # present.N.* of a step is the next step's past_key_values.N.*
+        self.past_of = {n: CACHE_OUTPUT.sub(r"past_key_values.\1.\2", n) for n in self.present_names}
         if self.cached and len(self.present_names) != len(self.past_names):
             raise QGraphError(f"the graph has {len(self.past_names)} past_key_values inputs but "
                               f"{len(self.present_names)} present outputs", "recompile the artifact with --kv-cache")
@@ -131,8 +128,7 @@ class Decoder:
             return self._shared_step(ids, cache, past)
         feeds = token_feeds(self.inputs, ids, past=past, cache=cache if self.cached else None)
         outs = self.session.run([self.logits, *self.present_names], feeds)
-        # present.N.* of this step is the next step's past_key_values.N.*
-        present = {CACHE_OUTPUT.sub(r"past_key_values.\1.\2", n): a for n, a in zip(self.present_names, outs[1:], strict=True)}
+        present = {self.past_of[n]: a for n, a in zip(self.present_names, outs[1:], strict=True)}
         return outs[0], present
 
     def _shared_step(self, ids: np.ndarray, cache: SharedCache, past: int) -> tuple[np.ndarray, SharedCache]:
@@ -149,7 +145,7 @@ class Decoder:
                 io.bind_ortvalue_input(name, value)
         io.bind_output(self.logits)
         for name in self.present_names:  # the present is the past's own buffer
-            io.bind_ortvalue_output(name, cache.values[CACHE_OUTPUT.sub(r"past_key_values.\1.\2", name)])
+            io.bind_ortvalue_output(name, cache.values[self.past_of[name]])
         self.session.run_with_iobinding(io)
         cache.length = past + ids.shape[1]
         return io.get_outputs()[0].numpy(), cache

@@ -33,12 +33,18 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.ir.attention import Attention, find_attention
+from qgraph.ir.attention import LAYOUT_OPS, Attention, find_attention
 from qgraph.ir.feeds import CACHE_INPUT, CACHE_OUTPUT
 from qgraph.ir.regions import Rejection
 
 MS = "com.microsoft"
-LAYOUT = ("Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity")
+SHARE_BUFFER_KEY = "qgraph.past_present_share_buffer"
+MAX_POSITIONS_KEY = "qgraph.max_positions"
+MIN_POSITIONS = 8192
+OWN_DATA_MIN_BYTES = 1 << 16  # the runtime graph's tensors above this go to model.ort.onnx.data
+RUNTIME_FILE = "model.ort.onnx"
+VERIFY_PROMPT, VERIFY_STEPS = 13, 4
+VERIFY_ATOL = 1e-3  # logits are O(10): float reassociation in one fused kernel stays far below this
 
 
 class _NoMatch(Exception):
@@ -81,23 +87,17 @@ def _producer(value: ir.Value | None, op_type: str | tuple[str, ...], what: str)
 def _scaled_chain(value: ir.Value, stop: ir.Value) -> float:
     """The product of the scalar Mul/Div on the layout-only path from `value` back to `stop`."""
     scale = 1.0
-    while value is not stop:
+    while True:
+        value, c = _strip_scale(value)
+        scale *= c
+        if value is stop:
+            return scale
         node = value.producer()
         if node is None:
             raise _NoMatch(f"{value.name!r} is not computed from {stop.name!r} by layout ops and scalar scales")
-        if node.op_type in LAYOUT:
-            value = node.inputs[0]
-            continue
-        if node.op_type in ("Mul", "Div"):
-            a, b = node.inputs
-            if (c := _scalar(b)) is not None:
-                scale, value = (scale * c if node.op_type == "Mul" else scale / c), a
-                continue
-            if node.op_type == "Mul" and (c := _scalar(a)) is not None:
-                scale, value = scale * c, b
-                continue
-        raise _NoMatch(f"{node.op_type} {node.name!r} between the cache and q k^T is not a layout op or a scalar scale")
-    return scale
+        if node.op_type not in LAYOUT_OPS:
+            raise _NoMatch(f"{node.op_type} {node.name!r} between the cache and q k^T is not a layout op or a scalar scale")
+        value = node.inputs[0]
 
 
 def _head_split(value: ir.Value, what: str) -> ir.Value:
@@ -404,7 +404,6 @@ def fuse_attention(model: ir.Model, *, context: int = 4096, sliding_window: int 
         report.fused.append(block.name)
     if report.fused:
         model.opset_imports.setdefault(MS, 1)
-        ir.passes.common.RemoveUnusedNodesPass()(model)
     report.norms, report.skip_norms = _fuse_norms(model)
     return report
 
@@ -427,27 +426,18 @@ def _fuse_norms(model: ir.Model) -> tuple[int, int]:
     _contrib_shapes(model)  # the skip rule checks both Add inputs' shapes
     norms = fuse_rms_normalization(model)
     skips = fuse_skip_rms_normalization(model)
-    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)  # the unfused blocks' and norms' old ops
     return int(norms), int(skips)
 
 
-SHARE_BUFFER_KEY = "qgraph.past_present_share_buffer"
-MAX_POSITIONS_KEY = "qgraph.max_positions"
-MIN_POSITIONS = 8192
-OWN_DATA_MIN_BYTES = 1 << 16  # the runtime graph's tensors above this go to model.ort.onnx.data
-RUNTIME_FILE = "model.ort.onnx"
-VERIFY_PROMPT, VERIFY_STEPS = 13, 4
-VERIFY_ATOL = 1e-3  # logits are O(10): float reassociation in one fused kernel stays far below this
 
-
-def _accuracy_levels(model: ir.Model, level: int | None) -> dict[str, int]:
-    """Set every MatMulNBits' accuracy_level (None: restore nothing, just read); returns the old levels by node name."""
+def _accuracy_levels(model: ir.Model, level: int) -> dict[str, int]:
+    """Set every MatMulNBits' accuracy_level; returns the old levels by node name."""
     old = {}
     for node in model.graph:
         if node.op_type == "MatMulNBits":
             old[node.name] = node.attributes.get_int("accuracy_level", 0)
-            if level is not None:
-                node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", level)
     return old
 
 
@@ -467,8 +457,8 @@ def verify_fusion(reference: ir.Model, fused: ir.Model, *, seed: int = 0) -> flo
     from qgraph.backends.onnx_qdq import session_from_model
     from qgraph.generate import Decoder
 
-    vocab = next((v.const_value.shape[0] for v in reference.graph.initializers.values()
-                  if v.const_value is not None and len(v.const_value.shape) == 2), 100)
+    logits = reference.graph.outputs[0].shape
+    vocab = logits[-1] if logits is not None and isinstance(logits[-1], int) else 100
     ids = np.random.default_rng(seed).integers(0, max(2, min(vocab, 1000)), size=(1, VERIFY_PROMPT + VERIFY_STEPS))
     results = []
     for model in (reference, fused):
