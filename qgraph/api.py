@@ -311,9 +311,10 @@ class Runner:
     kind: str
     vocab: int = 1000
     session: Any = None  # the ONNX Runtime session behind forward, when there is one (generate steps it)
+    int8_kernel: str = "as stored"  # what its fused int8 GEMMs run (qgraph.backends.host_int8)
 
     @classmethod
-    def from_session(cls, session, tokenizer, name: str) -> Runner:
+    def from_session(cls, session, tokenizer, name: str, int8_kernel: str = "as stored") -> Runner:
         from qgraph.ir.feeds import token_feeds
 
         inputs, logits = session.get_inputs(), session.get_outputs()[0].name
@@ -322,7 +323,7 @@ class Runner:
         def forward(ids: np.ndarray) -> np.ndarray:
             return session.run([logits], token_feeds(inputs, ids))[0]
 
-        return cls(forward, tokenizer, name, "onnxruntime", vocab if isinstance(vocab, int) else 1000, session)
+        return cls(forward, tokenizer, name, "onnxruntime", vocab if isinstance(vocab, int) else 1000, session, int8_kernel)
 
     @classmethod
     def from_torch(cls, module, tokenizer, name: str) -> Runner:
@@ -336,13 +337,17 @@ class Runner:
         return cls(forward, tokenizer, name, "torch", vocab)
 
 
-def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, runtime: bool = True) -> Runner:
+def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, runtime: bool = True,
+                int8_kernel: str | None = None) -> Runner:
     """A runner for an artifact dir, an .onnx file, a HF dir / .gguf (torch), or a compiled model.
 
     runtime=False opens an artifact's model.onnx even where it has a fused model.ort.onnx beside it.
+    int8_kernel: "host" (default, or $QGRAPH_INT8_KERNEL) runs u8u8-stored int8 weights on ORT's u8 x s8
+    kernel where a probe finds it exact on this CPU; "stored" runs them as compiled (qgraph.backends.host_int8).
     """
-    from qgraph.backends.onnx_qdq import session_from_file
+    from qgraph.backends import host_int8
 
+    host_int8.choice(int8_kernel)  # a mistyped choice is reported before any loading
     if isinstance(target, CompiledModel):
         return target.runner(threads)
     if isinstance(target, CapturedModel):
@@ -367,13 +372,13 @@ def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, 
             model_file = path / manifest.get("model_file", "model.onnx")
             if runtime and (path / manifest.get("runtime_file", "-")).is_file():
                 model_file = path / manifest["runtime_file"]  # the fused-attention copy: same function, faster
-            session = _ort_session_checked(session_from_file, model_file, threads)
-            return Runner.from_session(session, load_tokenizer(path), manifest.get("recipe", path.name))
+            session, kernel = _ort_session_checked(host_int8.open_session, model_file, threads, int8_kernel)
+            return Runner.from_session(session, load_tokenizer(path), manifest.get("recipe", path.name), kernel)
         if path.is_file() and path.suffix == ".onnx":
             from qgraph.ir.capture import load_tokenizer
 
-            session = _ort_session_checked(session_from_file, path, threads)
-            return Runner.from_session(session, load_tokenizer(path.parent), path.stem)
+            session, kernel = _ort_session_checked(host_int8.open_session, path, threads, int8_kernel)
+            return Runner.from_session(session, load_tokenizer(path.parent), path.stem, kernel)
     from qgraph.ir.capture import load as _load
 
     captured = _load(target, progress=progress, export=False)
@@ -382,9 +387,11 @@ def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, 
     return Runner.from_torch(captured.torch_module, captured.tokenizer, "torch")
 
 
-def _ort_session_checked(make, path: Path, threads: int):
+def _ort_session_checked(make, path: Path, threads: int, int8_kernel: str | None = None):
     try:
-        return make(path, threads=threads)
+        return make(path, threads=threads, int8_kernel=int8_kernel)
+    except QGraphError:
+        raise
     except Exception as exc:
         from qgraph.ir.checks import external_data_problem
 
@@ -401,6 +408,7 @@ def _ort_session_checked(make, path: Path, threads: int):
 def evaluate(
     target: Any = None, *, text: str | None = None, ctx: int = DEFAULT_CTX, windows: int = DEFAULT_EVAL_WINDOWS,
     threads: int = 2, progress: bool = True, sentences: int | None = None, decode_from: int | None = None,
+    int8_kernel: str | None = None,
 ) -> dict:
     """Perplexity over non-overlapping windows from token 0: {'ppl', 'tokens', 'windows', 'ctx'}.
 
@@ -408,6 +416,7 @@ def evaluate(
     instead: {'cosine_mean', 'cosine_min', 'sentences', ...} (qgraph.eval.embedding).
     decode_from=N (a KV-cache artifact): each window's first N tokens in one pass, the rest one token
     per step with the cache, as generation runs ('decode_from' in the result).
+    int8_kernel: "host" or "stored", as open_runner; the result's 'int8_kernel' says what ran.
     """
     from qgraph.eval.embedding import DEFAULT_SENTENCES, encoder_source, evaluate_encoder
     from qgraph.eval.perplexity import perplexity
@@ -425,26 +434,28 @@ def evaluate(
         return evaluate_encoder(target, source, text=text, count=sentences or DEFAULT_SENTENCES, threads=threads,
                                 progress=progress)
 
-    runner = target if isinstance(target, Runner) else open_runner(target, threads=threads, progress=progress)
+    runner = target if isinstance(target, Runner) else open_runner(target, threads=threads, progress=progress,
+                                                                   int8_kernel=int8_kernel)
     spans = evaluation_windows(runner.tokenizer, text, windows=windows, ctx=ctx)
     result = perplexity(runner.forward, spans, progress=progress)
-    return {**result, "model": runner.name, "runtime": runner.kind}
+    return {**result, "model": runner.name, "runtime": runner.kind, "int8_kernel": runner.int8_kernel}
 
 
 def bench(target: Any, *, threads: int = 2, runs: int = 10, prefill_tokens: int = 512,
-          contexts: tuple[int, ...] = (128, 512, 1024), steps: int = 32) -> dict:
+          contexts: tuple[int, ...] = (128, 512, 1024), steps: int = 32, int8_kernel: str | None = None) -> dict:
     """Latency of an artifact. A KV-cache artifact: prefill ms at 128 / 512 tokens, decode tokens/s at
     each context with the cache, cache bytes per token and peak memory (`kv_cache` true). A logits-only
-    one: prefill and a single-token forward (median of `runs`), a proxy for decode."""
+    one: prefill and a single-token forward (median of `runs`), a proxy for decode. int8_kernel as open_runner."""
     from qgraph.eval.bench import bench as _bench
     from qgraph.eval.bench import bench_generation
     from qgraph.generate import Decoder
     from qgraph.ir.feeds import has_cache
 
-    runner = target if isinstance(target, Runner) else open_runner(target, threads=threads)
+    runner = target if isinstance(target, Runner) else open_runner(target, threads=threads, int8_kernel=int8_kernel)
     if runner.session is not None and has_cache(runner.session.get_inputs()):
         result = bench_generation(Decoder(runner.session), prompts=(128, prefill_tokens) if prefill_tokens != 128 else (128,),
                                   contexts=contexts, steps=steps, runs=max(1, min(runs, 5)), vocab=runner.vocab)
-        return {**result, "kv_cache": True, "threads": threads, "model": runner.name if target is runner else str(target)}
+        return {**result, "kv_cache": True, "threads": threads, "int8_kernel": runner.int8_kernel,
+                "model": runner.name if target is runner else str(target)}
     return {**_bench(runner.forward, prefill_tokens=prefill_tokens, runs=runs, vocab=runner.vocab),
-            "kv_cache": False, "threads": threads, "model": runner.name}
+            "kv_cache": False, "threads": threads, "int8_kernel": runner.int8_kernel, "model": runner.name}

@@ -34,6 +34,10 @@ def _out():
     return Console()
 
 
+RUN_INT8_HELP = ("Run-time int8 GEMM: host (default: int8 weights stored for the portable u8 x u8 kernel run on "
+                 "ORT's faster u8 x s8 kernel where a probe finds it exact on this CPU) or stored (as compiled).")
+
+
 @app.command("compile")
 def compile_cmd(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
@@ -154,6 +158,7 @@ def eval_cmd(
     decode_from: int | None = typer.Option(
         None, "--decode-from",
         help="KV-cache artifacts: each window's first N tokens in one pass, the rest one token per step with the cache."),
+    int8_kernel: str | None = typer.Option(None, "--int8-kernel", help=RUN_INT8_HELP),
 ) -> None:
     """Perplexity of an artifact or model over non-overlapping token windows (encoders: embedding cosine)."""
     import qgraph
@@ -161,7 +166,7 @@ def eval_cmd(
     if decode_from is not None and decode_from < 1:
         raise QGraphError(f"--decode-from {decode_from}", "give at least 1 prompt token")
     result = qgraph.evaluate(target, text=text, ctx=ctx, windows=windows, threads=threads, progress=not as_json,
-                             sentences=sentences, decode_from=decode_from)
+                             sentences=sentences, decode_from=decode_from, int8_kernel=int8_kernel)
     if as_json:
         print(json.dumps(result))
     elif "cosine_mean" in result:
@@ -212,12 +217,13 @@ def bench_cmd(
     runs: int = typer.Option(10, "--runs", help="Timed runs per measurement (median reported; KV-cache artifacts: at most 5)."),
     steps: int = typer.Option(32, "--steps", help="KV-cache artifacts: decode steps timed per context."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (keys in the README's bench section)."),
+    int8_kernel: str | None = typer.Option(None, "--int8-kernel", help=RUN_INT8_HELP),
 ) -> None:
     """KV-cache artifacts: prefill ms (128 / 512 tokens), decode tokens/s at context 128 / 512 / 1024, peak memory.
     Logits-only artifacts: prefill and a single-token forward (a proxy for decode)."""
     import qgraph
 
-    result = qgraph.bench(target, threads=threads, runs=runs, steps=steps)
+    result = qgraph.bench(target, threads=threads, runs=runs, steps=steps, int8_kernel=int8_kernel)
     if as_json:
         print(json.dumps(result))
     elif result["kv_cache"]:
@@ -225,12 +231,13 @@ def bench_cmd(
         dec = ", ".join(f"context {c}: {r:.1f}" for c, r in result["decode_tokens_per_s"].items())
         _out().print(f"prefill: {pre}\ndecode tokens/s with the KV cache: {dec}\n"
                      f"cache {result['cache_bytes_per_token']} bytes per token; peak RSS {result['peak_rss_mb']:.0f} MB\n"
-                     f"[dim]{threads} threads, median of {result['runs']} runs, {result['decode_steps']} steps each[/]")
+                     f"[dim]{threads} threads, median of {result['runs']} runs, {result['decode_steps']} steps each; "
+                     f"int8 GEMMs: {result['int8_kernel']}[/]")
     else:
         _out().print(
             f"prefill {result['prefill_tokens']} tokens: {result['prefill_ms']:.1f} ms (min {result['prefill_min_ms']:.1f})\n"
             f"decode 1 token: {result['decode_ms']:.2f} ms (min {result['decode_min_ms']:.2f})\n"
-            f"[dim]{result['note']}; {threads} threads, median of {runs} runs[/]"
+            f"[dim]{result['note']}; {threads} threads, median of {runs} runs; int8 GEMMs: {result['int8_kernel']}[/]"
         )
 
 
@@ -298,7 +305,7 @@ def inspect_cmd(
         for kernel, n in gemm["layers"].items():
             k = gemm["kernels"][kernel]
             _out().print(f"int8 GEMMs: {n} x {kernel} ({k['ort_kernel']}); exact on {k['exact_on']}; "
-                         f"on this host: {k['on_this_host']}")
+                         f"on this host: {k['on_this_host']}; qgraph runs it here as {k['at_run_time_here']}")
         _out().print(f"host: {describe_host()}")
 
 

@@ -82,14 +82,12 @@ def kernel_for(note: LayerAnnotation, int8_kernel: str = DEFAULT_INT8_KERNEL) ->
     return "explicit Q -> DQ + float MatMul (ORT CPU has no fused kernel for this format)"
 
 
-def int8_gemms(model: ir.Model) -> dict[str, int]:
-    """Count the fused int8 GEMMs of a QDQ graph by the kernel ORT will run: {'u8u8' | 's7' | 'u8s8': layers}.
+def int8_gemm_weights(model: ir.Model):
+    """Each fused int8 GEMM of a QDQ graph as (MatMul/Gemm node, its weight's DequantizeLinear node).
 
-    Read from the graph itself (weight storage and code range of every DequantizeLinear(W) x
-    DequantizeLinear(QuantizeLinear(x)) MatMul/Gemm), so it describes any QDQ model, ORT's own
-    quantize_static output included.
+    The pattern ORT fuses into MatMulIntegerToFloat: DequantizeLinear(constant codes) as the weight and
+    DequantizeLinear(QuantizeLinear(x)) as the activation.
     """
-    counts: collections.Counter = collections.Counter()
     for node in model.graph:
         if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
@@ -98,8 +96,19 @@ def int8_gemms(model: ir.Model) -> dict[str, int]:
             continue
         codes = w.inputs[0].const_value if w.inputs[0] is not None else None
         q = a.inputs[0].producer() if a.inputs[0] is not None else None
-        if codes is None or q is None or q.op_type != "QuantizeLinear":
-            continue
+        if codes is not None and q is not None and q.op_type == "QuantizeLinear":
+            yield node, w
+
+
+def int8_gemms(model: ir.Model) -> dict[str, int]:
+    """Count the fused int8 GEMMs of a QDQ graph by the kernel ORT will run: {'u8u8' | 's7' | 'u8s8': layers}.
+
+    Read from the graph itself (weight storage and code range of every int8_gemm_weights pair), so it
+    describes any QDQ model, ORT's own quantize_static output included.
+    """
+    counts: collections.Counter = collections.Counter()
+    for _, w in int8_gemm_weights(model):
+        codes = w.inputs[0].const_value
         if codes.dtype == ir.DataType.UINT8:
             counts["u8u8"] += 1
         elif codes.dtype == ir.DataType.INT8:
@@ -115,11 +124,17 @@ def int8_kernel_record(model: ir.Model) -> dict | None:
     counts = int8_gemms(model)
     if not counts:
         return None
+    from qgraph.backends.host_int8 import u8s8_exact_here
+
     host = cpu_info()
+    switch = u8s8_exact_here()
     return {
         "layers": counts,
         "kernels": {k: {"ort_kernel": KERNELS[k].ort_kernel, "exact_on": KERNELS[k].exact_on,
-                        "on_this_host": host_verdict(KERNELS[k], host["int8_dot"])} for k in counts},
+                        "on_this_host": host_verdict(KERNELS[k], host["int8_dot"]),
+                        # what qgraph eval / bench / generate run here (qgraph.backends.host_int8)
+                        "at_run_time_here": "u8s8 (re-stored at load: its probe is exact here)"
+                        if k == "u8u8" and switch else k} for k in counts},
         "host": host,
     }
 

@@ -61,6 +61,13 @@ def exact_output(x: np.ndarray, activation: QuantSpec, spec: QuantSpec) -> np.nd
     return (a @ codes) * a_scale * (1.0 / spec.qmax)
 
 
+def _rel_error(session, activation: QuantSpec, spec: QuantSpec) -> float:
+    x = saturating_inputs()
+    got = session.run(None, {"x": x})[0]
+    ref = exact_output(x, activation, spec)
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
 def max_rel_error(kernel: str, activation: QuantSpec, directory: Path, optimized: Path | None = None) -> float:
     """max |ORT - exact| / max |exact| of the saturating linear saved under `directory`, ORT fully optimized."""
     from qgraph.backends.onnx_qdq import session_from_file
@@ -69,7 +76,12 @@ def max_rel_error(kernel: str, activation: QuantSpec, directory: Path, optimized
     path = Path(directory) / f"{kernel}.onnx"
     ir.save(model, path)
     session = session_from_file(path, threads=1, optimized_path=str(optimized) if optimized else None)
-    x = saturating_inputs()
-    got = session.run(None, {"x": x})[0]
-    ref = exact_output(x, activation, spec)
-    return float(np.abs(got - ref).max() / np.abs(ref).max())
+    return _rel_error(session, activation, spec)
+
+
+def probe_rel_error(kernel: str, activation: QuantSpec) -> float:
+    """max_rel_error of the saturating linear in memory (no files): what ORT computes on this host."""
+    from qgraph.backends.onnx_qdq import session_from_model
+
+    model, _, spec = saturating_linear(kernel, activation)
+    return _rel_error(session_from_model(model, threads=1), activation, spec)
