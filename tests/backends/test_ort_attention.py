@@ -77,6 +77,17 @@ def test_quantized_graph_fuses_and_its_check_runs_at_float_accuracy(llama_cache_
     assert {n.attributes.get_int("accuracy_level") for n in compiled.model.graph if n.op_type == "MatMulNBits"} == {4}
 
 
+def test_qdq_graph_fuses_and_its_check_bypasses_activation_rounding(llama_cache_captured, text_file):
+    compiled = qgraph.compile(llama_cache_captured, recipe="w8a8", progress=False,
+                              calib=qgraph.CalibConfig(text=str(text_file), windows=2, ctx=32))
+    report = compiled.report["ort_fusion"]
+    # unrounded, the rewrite is exact to float rounding; as compiled, moved codes may show (reported only)
+    assert report["attention_fused"] == 2 and report["verified_max_abs_diff"] < 1e-4
+    assert np.isfinite(report["as_compiled_max_abs_diff"])
+    for graph in (compiled.model, compiled.runtime):  # the check's bypass leaves both graphs' rounding in place
+        assert _ops(graph)["QuantizeLinear"] == 8  # per layer one for q/k/v, o, gate/up, down
+
+
 def test_sliding_window_and_logits_graphs_stay_unfused_with_the_reason(llama_cache_captured, llama_dir):
     model = llama_cache_captured.model.clone()
     report = fuse_attention(model, sliding_window=16)
