@@ -60,9 +60,18 @@ class CompiledModel:
     recipe: Recipe
     layers: list[dict]
     report: dict
-    # A KV-cache graph's runtime copy: attention fused into GroupQueryAttention (qgraph.backends.ort_attention),
-    # same weights; written as model.ort.onnx, what qgraph's runners and onnxruntime-genai load.
+    # A KV-cache graph's runtime copy, same weights, written as model.ort.onnx: attention fused into
+    # GroupQueryAttention (qgraph.backends.ort_attention; what qgraph's runners and onnxruntime-genai load), or
+    # with kv_quant the cache stored as KIVI codes (qgraph.backends.kivi_cache; qgraph's decoder only).
     runtime: Any = None
+
+    @property
+    def runtime_kind(self) -> str | None:
+        from qgraph.backends.kivi_cache import layouts_of
+
+        if self.runtime is None:
+            return None
+        return "kivi-cache" if layouts_of(self.runtime) is not None else "fused-attention"
 
     def manifest(self) -> dict:
         g = self.model.graph
@@ -70,7 +79,7 @@ class CompiledModel:
             "format_version": FORMAT_VERSION,
             "backend": "onnxruntime",
             "model_file": "model.onnx",
-            **({"runtime_file": _runtime_file()} if self.runtime is not None else {}),
+            **({"runtime_file": _runtime_file(), "runtime_kind": self.runtime_kind} if self.runtime is not None else {}),
             "recipe": self.recipe.name,
             "recipe_spec": self.recipe.to_dict(),
             "source": self.source,
@@ -109,9 +118,9 @@ class CompiledModel:
                     files += save_runtime_graph(self.runtime, tmp / RUNTIME_FILE, tmp / "model.onnx")
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(str(tmp))
-            if decoder is not None:
-                write_genai_config(tmp, decoder, RUNTIME_FILE if self.runtime is not None else "model.onnx",
-                                   share_buffer=self.runtime is not None)
+            if decoder is not None:  # onnxruntime-genai feeds a float cache: a KIVI runtime graph is qgraph's own
+                fused = self.runtime_kind == "fused-attention"
+                write_genai_config(tmp, decoder, RUNTIME_FILE if fused else "model.onnx", share_buffer=fused)
             write_json(tmp / MANIFEST, self.manifest())
             report = dict(self.report)
             report["timings_s"] = dict(report.get("timings_s", {}), save=round(time.perf_counter() - t, 3))
@@ -264,7 +273,16 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
         "int8_gemm": int8_kernel_record(graph_model),
     }
     runtime = None
-    if has_cache(graph_model.graph.inputs) and runs_in_ort:
+    kv = next((p for p in passes if p["pass"] == "kv_quant" and p.get("blocks")), None)
+    if has_cache(graph_model.graph.inputs) and runs_in_ort and kv is not None:
+        from qgraph.backends.kivi_cache import stored_cache_graph
+        from qgraph.progress import status
+
+        t = time.perf_counter()
+        with status("storing the KV cache as KIVI codes (runtime graph) and checking it", enabled=progress):
+            runtime, report["kivi_cache"] = stored_cache_graph(graph_model, kv)
+        report["timings_s"]["kivi_cache"] = round(time.perf_counter() - t, 3)
+    elif has_cache(graph_model.graph.inputs) and runs_in_ort:
         from qgraph.backends.ort_attention import runtime_graph
         from qgraph.progress import status
 
@@ -337,11 +355,13 @@ class Runner:
         return cls(forward, tokenizer, name, "torch", vocab)
 
 
-def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, runtime: bool = True,
+def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, runtime: bool | str = True,
                 int8_kernel: str | None = None) -> Runner:
     """A runner for an artifact dir, an .onnx file, a HF dir / .gguf (torch), or a compiled model.
 
-    runtime=False opens an artifact's model.onnx even where it has a fused model.ort.onnx beside it.
+    runtime=False opens an artifact's model.onnx even where it has a model.ort.onnx beside it; runtime="fused"
+    opens model.ort.onnx only when it is the fused-attention graph (not KIVI's stored cache, whose prompt pass
+    leaves the cache unrounded).
     int8_kernel: "host" (default, or $QGRAPH_INT8_KERNEL) runs u8u8-stored int8 weights on ORT's u8 x s8
     kernel where a probe finds it exact on this CPU; "stored" runs them as compiled (qgraph.backends.host_int8).
     """
@@ -372,6 +392,8 @@ def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, 
             model_file = path / manifest.get("model_file", "model.onnx")
             if runtime and (path / manifest.get("runtime_file", "-")).is_file():
                 model_file = path / manifest["runtime_file"]  # the fused-attention copy: same function, faster
+                if runtime == "fused" and manifest.get("runtime_kind") == "kivi-cache":
+                    model_file = path / manifest.get("model_file", "model.onnx")  # one pass rounds every position
             session, kernel = _ort_session_checked(host_int8.open_session, model_file, threads, int8_kernel)
             return Runner.from_session(session, load_tokenizer(path), manifest.get("recipe", path.name), kernel)
         if path.is_file() and path.suffix == ".onnx":
@@ -434,8 +456,10 @@ def evaluate(
         return evaluate_encoder(target, source, text=text, count=sentences or DEFAULT_SENTENCES, threads=threads,
                                 progress=progress)
 
+    # runtime="fused": a one-pass perplexity of a KIVI artifact runs model.onnx, which rounds the whole cache;
+    # the stored-cache graph's prompt pass attends in float (its steps read the codes: --decode-from)
     runner = target if isinstance(target, Runner) else open_runner(target, threads=threads, progress=progress,
-                                                                   int8_kernel=int8_kernel)
+                                                                   int8_kernel=int8_kernel, runtime="fused")
     spans = evaluation_windows(runner.tokenizer, text, windows=windows, ctx=ctx)
     result = perplexity(runner.forward, spans, progress=progress)
     return {**result, "model": runner.name, "runtime": runner.kind, "int8_kernel": runner.int8_kernel}

@@ -87,7 +87,8 @@ class Decoder:
     returned every step.
     """
 
-    def __init__(self, session, share_buffer: bool | None = None):
+    def __init__(self, session, share_buffer: bool | None = None, kivi_residual: int | None = None):
+        from qgraph.backends.kivi_cache import layouts_of
         from qgraph.backends.ort_attention import MAX_POSITIONS_KEY, SHARE_BUFFER_KEY
 
         self.session = session
@@ -106,18 +107,31 @@ class Decoder:
         if share_buffer is None:
             share_buffer = meta.get(SHARE_BUFFER_KEY) == "1"
         self.max_positions = int(meta[MAX_POSITIONS_KEY]) if MAX_POSITIONS_KEY in meta else None
-        self.shared = bool(share_buffer and self.cached)
+        # KIVI's stored cache (qgraph.backends.kivi_cache): codes fed beside the float residual window
+        self.kivi = layouts_of(meta)
+        if self.kivi is not None and kivi_residual is not None:
+            self.kivi = (self.kivi[0], kivi_residual)
+        self.shared = bool(share_buffer and self.cached and self.kivi is None)
         self._binding = session.io_binding() if self.shared else None
 
     def start(self, batch: int = 1, capacity: int = 256) -> dict[str, np.ndarray] | SharedCache:
         """An empty cache for `batch` sequences (with a shared buffer: room for `capacity` tokens, grown on demand)."""
         empty = {v.name: empty_past(v, batch) for v in self.inputs if CACHE_INPUT.match(v.name)}
+        if self.kivi is not None:
+            from qgraph.backends.kivi_cache import KiviCache
+
+            return KiviCache(empty, *self.kivi)
         return SharedCache(empty, capacity) if self.shared else empty
 
-    def bytes_per_token(self) -> int:
-        """Bytes the cache grows by per token and sequence: every past tensor's kv_heads x head_dim x element size."""
-        return sum(a.shape[1] * a.shape[3] * a.itemsize for a in (empty_past(v, 1) for v in self.inputs
-                                                                    if CACHE_INPUT.match(v.name)))
+    def bytes_per_token(self) -> float:
+        """Bytes the cache grows by per token and sequence: every past tensor's kv_heads x head_dim x element size
+        (a KIVI cache: its stored codes, steps and minima; the float residual window is a fixed size)."""
+        pasts = [empty_past(v, 1) for v in self.inputs if CACHE_INPUT.match(v.name)]
+        if self.kivi is not None:
+            layouts = self.kivi[0]
+            return sum(layouts[v.name].bytes_per_token(a.shape[1])
+                       for v, a in zip([v for v in self.inputs if CACHE_INPUT.match(v.name)], pasts, strict=True))
+        return sum(a.shape[1] * a.shape[3] * a.itemsize for a in pasts)
 
     def step(self, ids: np.ndarray, cache, past: int) -> tuple[np.ndarray, Any]:
         """Logits for `ids` [batch, seq] after `past` cached tokens, and the cache that includes them."""
@@ -126,10 +140,21 @@ class Decoder:
                               "graph's rotary caches hold", "shorten the prompt or --max-new-tokens")
         if self.shared:
             return self._shared_step(ids, cache, past)
+        if self.kivi is not None:
+            return self._kivi_step(ids, cache, past)
         feeds = token_feeds(self.inputs, ids, past=past, cache=cache if self.cached else None)
         outs = self.session.run([self.logits, *self.present_names], feeds)
         present = {self.past_of[n]: a for n, a in zip(self.present_names, outs[1:], strict=True)}
         return outs[0], present
+
+    def _kivi_step(self, ids: np.ndarray, cache, past: int):
+        if past != cache.length:
+            raise ValueError(f"the KIVI cache holds {cache.length} tokens, the step says {past}")
+        feeds = token_feeds(self.inputs, ids, past=past, cache=cache.residual)
+        feeds.update(cache.feeds())
+        outs = self.session.run([self.logits, *self.present_names], feeds)
+        cache.absorb({self.past_of[n]: a for n, a in zip(self.present_names, outs[1:], strict=True)}, past + ids.shape[1])
+        return outs[0], cache
 
     def _shared_step(self, ids: np.ndarray, cache: SharedCache, past: int) -> tuple[np.ndarray, SharedCache]:
         if past != cache.length:

@@ -17,6 +17,8 @@ import numpy as np
 
 CACHE_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 CACHE_OUTPUT = re.compile(r"^present\.(\d+)\.(key|value)$")
+# A KIVI runtime graph's stored tokens beside each past (qgraph.backends.kivi_cache): empty in a prompt run.
+STORED_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)\.(codes|step|min)$")
 FED_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -26,7 +28,7 @@ def is_cache_input(name: str) -> bool:
 
 def fed_from_ids(name: str) -> bool:
     """True for the inputs `token_feeds` fills: the ids, the mask, the positions and the past."""
-    return name in FED_INPUTS or is_cache_input(name)
+    return name in FED_INPUTS or is_cache_input(name) or STORED_INPUT.match(name) is not None
 
 
 def has_cache(inputs: Iterable[Any]) -> bool:
@@ -77,4 +79,6 @@ def token_feeds(inputs: Iterable[Any], ids: np.ndarray, *, past: int = 0,
             feeds[v.name] = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)).copy()
         elif is_cache_input(v.name):
             feeds[v.name] = cache[v.name] if cache is not None else empty_past(v, batch)
+        elif STORED_INPUT.match(v.name):
+            feeds[v.name] = empty_past(v, batch)  # a decoder with stored tokens feeds its own
     return feeds

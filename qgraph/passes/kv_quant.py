@@ -39,6 +39,8 @@ class KVQuantOptions:
     group_size: int = option(32, "tokens sharing a key channel's step; channels sharing a value token's step", ge=1)
     keys: bool = option(True, "quantize the keys (per channel, groups along tokens)")
     values: bool = option(True, "quantize the values (per token, groups along channels)")
+    residual: int = option(128, "KV-cache artifacts: the newest tokens kept in float (KIVI's residual window R); "
+                                "older ones are stored as codes", ge=0)
 
 
 def kivi_spec(bits: int, axis: int, group_size: int) -> QuantSpec:
@@ -111,7 +113,8 @@ class KVQuantPass(ir.passes.InPlacePass):
 
     def summary(self) -> dict:
         o = self.options
-        return {"bits": o.bits, "group_size": o.group_size, "blocks": self.blocks, "refused": self.refused,
+        return {"bits": o.bits, "group_size": o.group_size, "keys": o.keys, "values": o.values, "residual": o.residual,
+                "blocks": self.blocks, "refused": self.refused,
                 "cache_bytes_per_token": self.bytes_per_token, "reason": self.reason}
 
 
