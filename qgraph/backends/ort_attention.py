@@ -466,12 +466,12 @@ def _without_activation_rounding(model: ir.Model) -> ir.Model:
     return copy
 
 
-def _decode_outputs(model: ir.Model, ids: np.ndarray) -> tuple[np.ndarray, dict]:
+def _decode_outputs(model: ir.Model, ids: np.ndarray, optimize: bool = True) -> tuple[np.ndarray, dict]:
     """Logits of a VERIFY_PROMPT-token prompt and then one cached step per remaining id, and the final cache."""
     from qgraph.backends.onnx_qdq import session_from_model
     from qgraph.generate import Decoder
 
-    decoder = Decoder(session_from_model(model, threads=2), share_buffer=False)
+    decoder = Decoder(session_from_model(model, threads=2, optimize=optimize), share_buffer=False)
     logits, cache = decoder.step(ids[:, :VERIFY_PROMPT], decoder.start(), 0)
     rows = [logits]
     for t in range(VERIFY_PROMPT, ids.shape[1]):
@@ -481,8 +481,11 @@ def _decode_outputs(model: ir.Model, ids: np.ndarray) -> tuple[np.ndarray, dict]
 
 
 def _max_difference(a: tuple[np.ndarray, dict], b: tuple[np.ndarray, dict]) -> float:
+    """Max |logit difference|, and of each cache tensor relative to its magnitude when that exceeds 1 (a migrated
+    V cache holds values in activation-step units, hundreds, whose float rounding is larger in absolute terms)."""
     (la, ca), (lb, cb) = a, b
-    return float(max(np.abs(la - lb).max(), *(np.abs(ca[k] - cb[k]).max() for k in ca)))
+    caches = (np.abs(ca[k] - cb[k]).max() / max(1.0, float(np.abs(ca[k]).max(initial=0))) for k in ca)
+    return float(max(np.abs(la - lb).max(), *caches))
 
 
 def verify_fusion(reference: ir.Model, fused: ir.Model, *, seed: int = 0) -> tuple[float, float]:
@@ -502,7 +505,9 @@ def verify_fusion(reference: ir.Model, fused: ir.Model, *, seed: int = 0) -> tup
     for model in (reference, fused):
         old = _accuracy_levels(model, 0)
         try:
-            unrounded.append(_decode_outputs(_without_activation_rounding(model), ids))
+            # ORT's optimizer would fold DequantizeLinear(W) -> MatMul into MatMulNBits, whose default
+            # accuracy level rounds the float activations again: the check runs the graphs as written
+            unrounded.append(_decode_outputs(_without_activation_rounding(model), ids, optimize=False))
         finally:
             _restore_levels(model, old)
     compiled = [_decode_outputs(model, ids) for model in (reference, fused)]
