@@ -126,12 +126,10 @@ class Decoder:
     def bytes_per_token(self) -> float:
         """Bytes the cache grows by per token and sequence: every past tensor's kv_heads x head_dim x element size
         (a KIVI cache: its stored codes, steps and minima; the float residual window is a fixed size)."""
-        pasts = [empty_past(v, 1) for v in self.inputs if CACHE_INPUT.match(v.name)]
+        pasts = {v.name: empty_past(v, 1) for v in self.inputs if CACHE_INPUT.match(v.name)}
         if self.kivi is not None:
-            layouts = self.kivi[0]
-            return sum(layouts[v.name].bytes_per_token(a.shape[1])
-                       for v, a in zip([v for v in self.inputs if CACHE_INPUT.match(v.name)], pasts, strict=True))
-        return sum(a.shape[1] * a.shape[3] * a.itemsize for a in pasts)
+            return sum(self.kivi[0][name].bytes_per_token(a.shape[1]) for name, a in pasts.items())
+        return sum(a.shape[1] * a.shape[3] * a.itemsize for a in pasts.values())
 
     def step(self, ids: np.ndarray, cache, past: int) -> tuple[np.ndarray, Any]:
         """Logits for `ids` [batch, seq] after `past` cached tokens, and the cache that includes them."""

@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.ir.feeds import CACHE_OUTPUT
-from qgraph.ir.rewrite import add_initializer
+from qgraph.ir.rewrite import NodeChain
 
 TINY_STEP = np.float32(1e-30)  # an all-equal (or all-zero) group rounds to itself; no 0 / 0
 
@@ -49,17 +49,8 @@ def insert_rounding(graph: ir.Graph, x: ir.Value, *, axis: int, rank: int, group
     A graph output that is x becomes the rounded value too (a cache output stores what attention reads).
     """
     readers = list(x.uses()) if readers is None else list(readers)
-    base = base or f"{x.name}.rounding"
-    nodes: list[ir.Node] = []
-
-    def op(kind: str, inputs: list, suffix: str, **attrs) -> ir.Value:
-        node = ir.node(kind, inputs, attributes=attrs, name=f"{base}.{suffix}")
-        node.outputs[0].name = f"{base}.{suffix}"
-        nodes.append(node)
-        return node.outputs[0]
-
-    def const(suffix: str, array) -> ir.Value:
-        return add_initializer(graph, f"{base}.{suffix}", np.asarray(array))
+    chain = NodeChain(graph, base or f"{x.name}.rounding")
+    op, const, nodes = chain.op, chain.const, chain.nodes
 
     r, g = rank, group_size
     axis = axis % r

@@ -34,8 +34,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from qgraph.backends.dynamic_rounding import TINY_STEP
-from qgraph.ir.feeds import CACHE_INPUT, CACHE_OUTPUT
-from qgraph.ir.rewrite import add_initializer
+from qgraph.ir.feeds import CACHE_INPUT
+from qgraph.ir.rewrite import NodeChain
 
 KIVI_KEY = "qgraph.kivi"
 VERIFY_PROMPT, VERIFY_STEPS = 13, 40  # enough steps for several groups to be stored during the check
@@ -173,16 +173,8 @@ def _rounding_output(graph: ir.Graph, x: ir.Value) -> ir.Value | None:
 
 def _decode_nodes(graph: ir.Graph, name: str, layout: KiviLayout, codes: ir.Value, step: ir.Value, lo: ir.Value):
     """code * step + min over the stored tokens: [B, H, stored, D] float."""
-    nodes: list[ir.Node] = []
-
-    def op(kind: str, inputs: list, suffix: str, **attrs) -> ir.Value:
-        node = ir.node(kind, inputs, attributes=attrs, name=f"{name}.{suffix}")
-        node.outputs[0].name = f"{name}.{suffix}"
-        nodes.append(node)
-        return node.outputs[0]
-
-    def const(suffix: str, array) -> ir.Value:
-        return add_initializer(graph, f"{name}.{suffix}", np.asarray(array))
+    chain = NodeChain(graph, name)
+    op, const, nodes = chain.op, chain.const, chain.nodes
 
     bits, d, g = layout.bits, layout.head_dim, layout.group
     if bits == 8:
@@ -217,6 +209,8 @@ def _decode_nodes(graph: ir.Graph, name: str, layout: KiviLayout, codes: ir.Valu
 def kivi_runtime_graph(model: ir.Model, *, bits: int, group_size: int, residual: int) -> tuple[ir.Model | None, dict]:
     """The stored-cache copy of a KV-cache graph with kv_quant rounding, and its report (None and the reason if not)."""
     graph_inputs = [v for v in model.graph.inputs if CACHE_INPUT.match(v.name)]
+    if not graph_inputs:
+        return None, {"refused": "the graph has no past_key_values inputs"}
     if bits not in (2, 4, 8):
         return None, {"refused": f"{bits}-bit codes do not pack into bytes"}
     kivi = model.clone()
@@ -274,8 +268,6 @@ def kivi_runtime_graph(model: ir.Model, *, bits: int, group_size: int, residual:
         graph.outputs[present_index] = present.outputs[0]
     ir.passes.common.RemoveUnusedNodesPass()(kivi)
     graph.sort()
-    if not graph_inputs:
-        return None, {"refused": "the graph has no past_key_values inputs"}
     kivi.metadata_props[KIVI_KEY] = json.dumps(
         {"residual": residual, "tensors": {n: dataclasses.asdict(v) for n, v in layouts.items()}})
     heads = {v.name: v.shape[1] for v in graph_inputs}

@@ -151,3 +151,20 @@ def permute_region(graph: ir.Graph, region, perm: np.ndarray) -> None:
                                    suffix="permuted")
     for sink in region.sinks:
         set_linear_weight(graph, sink, weight_array(sink)[rows])
+
+
+class NodeChain:
+    """New nodes named '<base>.<suffix>' (each output named as its node) and their constants, kept in order
+    so a rewrite inserts them in one place."""
+
+    def __init__(self, graph: ir.Graph, base: str):
+        self.graph, self.base, self.nodes = graph, base, []
+
+    def op(self, kind: str, inputs: list, suffix: str, **attrs) -> ir.Value:
+        node = ir.node(kind, inputs, attributes=attrs, name=f"{self.base}.{suffix}")
+        node.outputs[0].name = f"{self.base}.{suffix}"
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, suffix: str, array) -> ir.Value:
+        return add_initializer(self.graph, f"{self.base}.{suffix}", np.asarray(array))
