@@ -105,3 +105,14 @@ def test_keys_only_keeps_the_float_cache_with_the_reason(llama_cache_captured, t
                               calib=qgraph.CalibConfig(text=str(text_file), windows=2, ctx=32))
     assert compiled.runtime is None
     assert "only keys or only values" in compiled.report["kivi_cache"]["refused"]
+
+
+def test_two_bit_codes_pack_four_to_a_byte(llama_cache_captured, text_file):
+    kv2 = qgraph.compile(llama_cache_captured, recipe="kv2", progress=False,
+                         calib=qgraph.CalibConfig(text=str(text_file), windows=2, ctx=32))
+    report = kv2.report["kivi_cache"]
+    assert report["bits"] == 2 and report["verified_max_abs_diff"] < 1e-4
+    # per layer: keys 2 heads x (16 dims x 2 bits + 16 x 4 bytes / 32 tokens), values 2 x (4 + 4)
+    assert report["stored_bytes_per_token"] == 2 * (2 * (4 + 2) + 2 * (4 + 4)) == 56
+    codes = next(v for v in kv2.runtime.graph.inputs if v.name == "past_key_values.0.key.codes")
+    assert codes.shape[3] == 16 * 2 // 8
