@@ -239,6 +239,7 @@ def _load_transformers(
         "default": default,
         "model_type": config.model_type,
         "architecture": archs[0] if archs else type(module).__name__,
+        "loaded_class": type(module).__name__,  # what transformers' auto class chose for this model type
         "task": "causal-lm" if is_causal else "encoder",
     }
     wrapper = (CausalLMWithCache if kv_cache else CausalLMLogits)(module) if is_causal else EncoderHidden(module)
@@ -249,10 +250,19 @@ def _load_transformers(
 
 
 def causal_lm(architectures: list[str], model_type: str | None) -> bool:
-    """True when a transformers config describes a causal LM (captured as logits), False for an encoder."""
-    return any(a.endswith("ForCausalLM") for a in architectures) or model_type in (
-        "llama", "mistral", "qwen2", "qwen3", "gpt2", "phi3", "gemma", "gemma2", "smollm3",
-    )
+    """True when a transformers config describes a causal LM (captured as logits), False for an encoder.
+
+    Decided by transformers' own causal-LM auto-mapping, so every decoder family it ships is known:
+    a declared architecture must be one of its causal-LM classes (a BertModel checkpoint stays an
+    encoder, although BERT also has an LM-head class); without one (a GGUF's config), the model type
+    must have a causal-LM class and no masked-LM class (bert and roberta have both).
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if architectures:
+        classes = {c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)}
+        return any(a in classes or a.endswith("ForCausalLM") for a in architectures)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def _vocab_size(module: torch.nn.Module) -> int:

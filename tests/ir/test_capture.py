@@ -108,3 +108,32 @@ def test_corrupt_and_missing_inputs_raise_clear_errors(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(qgraph.QGraphError, match="unsupported model"):
         qgraph.load(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize("architectures, model_type, causal", [
+    ([], "gemma3_text", True),  # a Gemma-3 GGUF's config: no architectures, a type no hand list knew
+    (["Gemma3ForCausalLM"], "gemma3_text", True), ([], "qwen3", True), (["Qwen2ForCausalLM"], "qwen2", True),
+    ([], "mistral", True), (["Phi3ForCausalLM"], "phi3", True), (["GPT2LMHeadModel"], "gpt2", True),
+    ([], "opt", True), ([], "falcon", True), ([], "smollm3", True),
+    (["BertModel"], "bert", False), ([], "bert", False), ([], "roberta", False),  # encoders with an LM-head class too
+])
+def test_causal_lm_detection_comes_from_transformers(architectures, model_type, causal):
+    from qgraph.ir.capture import causal_lm
+
+    assert causal_lm(architectures, model_type) is causal
+
+
+def test_a_gemma3_text_checkpoint_without_architectures_loads_as_a_causal_lm(tmp_path):
+    import json
+
+    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    written.pop("architectures", None)  # as a GGUF's converted config has none
+    (tmp_path / "config.json").write_text(json.dumps(written))
+    captured = qgraph.load(tmp_path, progress=False, export=False)
+    assert captured.source["task"] == "causal-lm" and captured.source["loaded_class"] == "Gemma3ForCausalLM"
