@@ -126,7 +126,7 @@ def test_causal_lm_detection_comes_from_transformers(architectures, model_type, 
 def test_a_gemma3_text_checkpoint_without_architectures_loads_as_a_causal_lm(tmp_path):
     import json
 
-    from transformers import Gemma3TextConfig, Gemma3ForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
