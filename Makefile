@@ -30,7 +30,7 @@ demo: setup
 	@echo "w8a8-qsm perplexity (same nodes as w8a8):"; $(QGRAPH) eval $(OUT)/w8a8-qsm
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
