@@ -4,7 +4,8 @@ The table is quantized symmetric per block of `block_size` along the hidden axis
 once, in MatMulNBits' layout [vocab, blocks, block] (uint8 codes, implied zero point 128):
 - every Gather on the table becomes com.microsoft GatherBlockQuantized (bits 8), reading the
   codes through a Reshape (and a Slice when the hidden size is not a whole number of blocks);
-- a tied lm_head, MatMul(x, Transpose(table)), becomes MatMulNBits (bits 8) on the same codes.
+- a tied lm_head, MatMul(x, Transpose(table)), becomes MatMulNBits (bits 8) on the same codes; under a
+  tied recipe an untied lm_head gets the same format in its own copy.
 ONNX Runtime constant-folds the Reshape, so the artifact holds the table once.
 
 On SmolLM2 the GGUF stores the table as Q8_0 (int8, blocks of 32, one scale each): int8 blocks
@@ -63,6 +64,7 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
         # 16-window perplexity 32.64 -> 32.66 (w4a16-awq).
         self.accuracy_level = accuracy_level
         self.tables: dict[str, dict] = {}
+        self.untied_heads: dict[str, dict] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         by_table: dict[int, list[ir.Node]] = {}
@@ -74,9 +76,30 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
         for gathers in by_table.values():
             self._lower_table(model, gathers)
         if self.tie_lm_head and not any(t["lm_head"] for t in self.tables.values()):
-            raise QGraphError("recipe says lm_head: tied, but this model's lm_head does not read the embedding table",
-                              "set lm_head: float, or give lm_head a weights rule of its own")
+            # An untied model (Mistral, Qwen3, Phi-3 ...) under a tied recipe: its own lm_head weight gets
+            # the table's 8-bit block format, so one recipe serves tied and untied checkpoints alike.
+            heads = [layer for layer in find_linears(model) if layer.role == "lm_head" and layer.node.op_type == "MatMul"
+                     and layer.weight.const_value is not None]
+            if not heads:
+                raise QGraphError("recipe says lm_head: tied, but this model has no lm_head MatMul on a constant weight",
+                                  "set lm_head: float, or give lm_head a weights rule of its own")
+            for layer in heads:
+                self._lower_untied_head(model, layer)
         return ir.passes.PassResult(model, modified=bool(by_table))
+
+    def _lower_untied_head(self, model: ir.Model, layer) -> None:
+        from qgraph.ir.regions import weight_array
+
+        table = weight_array(layer).T  # [V, D], the layout a tied head reads
+        codes, scales = quantize_table(np.ascontiguousarray(table), self.spec)
+        codes_v = add_initializer(model.graph, f"{layer.name}.weight_q8", codes)
+        scales_v = add_initializer(model.graph, f"{codes_v.name}.scales", scales)
+        _head_to_matmulnbits(model.graph, layer, codes_v, scales_v, table.shape, self.spec.block_size,
+                             self.accuracy_level)
+        self.untied_heads[layer.name] = {"format": f"int8 symmetric, blocks of {self.spec.block_size} (its own copy: "
+                                                  "the model's lm_head is not tied to the table)",
+                                         "kernel": "MatMulNBits (bits 8)", "float_bytes": int(table.nbytes),
+                                         "stored_bytes": int(codes.nbytes + scales.nbytes)}
 
     def _lower_table(self, model: ir.Model, gathers: list[ir.Node]) -> None:
         graph = model.graph
@@ -116,17 +139,7 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
             new.outputs[0].name = old_name
         heads = _tied_heads(model, table) if self.tie_lm_head else []
         for layer in heads:
-            transpose = layer.node.inputs[1].producer()
-            new = ir.node("MatMulNBits", [layer.node.inputs[0], codes_v, scales_v], domain=MS_DOMAIN, name=layer.name,
-                          attributes={"K": d, "N": v, "bits": 8, "block_size": self.spec.block_size,
-                                      "accuracy_level": self.accuracy_level})
-            graph.insert_before(layer.node, new)
-            old_name = layer.node.outputs[0].name
-            layer.node.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
-            graph.remove(layer.node, safe=True)
-            new.outputs[0].name = old_name
-            if not transpose.outputs[0].uses():
-                graph.remove(transpose, safe=True)
+            _head_to_matmulnbits(graph, layer, codes_v, scales_v, (v, d), self.spec.block_size, self.accuracy_level)
         if not table.uses() and table.name in graph.initializers and table not in graph.outputs:
             graph.initializers.pop(table.name)  # the float table is not stored any more
         self.tables[table.name] = {
@@ -139,4 +152,23 @@ class QuantizeEmbeddingPass(ir.passes.InPlacePass):
         }
 
     def summary(self) -> dict:
-        return {"tables": self.tables}
+        return {"tables": self.tables, "untied_lm_head": self.untied_heads}
+
+
+def _head_to_matmulnbits(graph: ir.Graph, layer, codes: ir.Value, scales: ir.Value, shape: tuple[int, int],
+                         block_size: int, accuracy_level: int) -> None:
+    """Replace the lm_head MatMul (and a Transpose only it read) by MatMulNBits (bits 8) on [V, blocks, block] codes."""
+    v, d = shape
+    weight_producer = layer.node.inputs[1].producer()
+    new = ir.node("MatMulNBits", [layer.node.inputs[0], codes, scales], domain=MS_DOMAIN, name=layer.name,
+                  attributes={"K": d, "N": v, "bits": 8, "block_size": block_size, "accuracy_level": accuracy_level})
+    graph.insert_before(layer.node, new)
+    old_name = layer.node.outputs[0].name
+    layer.node.outputs[0].replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+    old_weight = layer.node.inputs[1]
+    graph.remove(layer.node, safe=True)
+    new.outputs[0].name = old_name
+    if weight_producer is not None and weight_producer.op_type == "Transpose" and not weight_producer.outputs[0].uses():
+        graph.remove(weight_producer, safe=True)
+    elif weight_producer is None and not old_weight.uses() and old_weight.name in graph.initializers:
+        graph.initializers.pop(old_weight.name)  # an untied head's float weight is not stored any more

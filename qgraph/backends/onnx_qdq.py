@@ -277,9 +277,16 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
     def _lower_matmulnbits(self, model: ir.Model, layer, note: LayerAnnotation) -> None:
         graph = model.graph
         spec = note.weight
-        if layer.node.op_type != "MatMul":
-            raise QGraphError(f"layer {layer.name}: MatMulNBits lowering needs a MatMul, found {layer.node.op_type}",
-                              "use lowering: qdq for Gemm layers")
+        bias = None
+        if layer.node.op_type == "Gemm":  # GPT-2's Conv1D layers export as Gemm(x, W, b): MatMulNBits + Add
+            attrs = layer.node.attributes
+            if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
+                raise QGraphError(f"layer {layer.name}: Gemm with transA, alpha or beta has no MatMulNBits form",
+                                  "use lowering: qdq for this layer (or re-export it as MatMul)")
+            bias = layer.node.inputs[2] if len(layer.node.inputs) > 2 else None
+        elif layer.node.op_type != "MatMul":
+            raise QGraphError(f"layer {layer.name}: MatMulNBits lowering needs a MatMul or Gemm, found "
+                              f"{layer.node.op_type}", "use lowering: qdq for this layer")
         w = weight_array(layer)
         packed, scales, zps = pack_matmulnbits(w, spec)
         k, n = w.shape
@@ -322,6 +329,10 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         if correction is not None:
             out = ir.node("Add", [new.outputs[0], correction.outputs[0]], name=f"{layer.name}.with_zero_points")
             graph.insert_after(new, [sums, correction, out])
+        if bias is not None:
+            with_bias = ir.node("Add", [out.outputs[0], bias], name=f"{layer.name}.with_bias")
+            graph.insert_after(out, [with_bias])
+            out = with_bias
         old_name = old_out.name
         old_out.replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
         graph.remove(layer.node, safe=True)

@@ -61,7 +61,18 @@ def token_range(model: ir.Model) -> int:
     from qgraph.ir.regions import find_embeddings
 
     ids = model.graph.inputs[0]
-    return next((int(node.inputs[0].shape[0]) for _, node in find_embeddings(model) if node.inputs[1] is ids), 1000)
+
+    def reads_ids(value: ir.Value | None) -> bool:  # directly, or through a reshape / cast of the ids (GPT-2, OPT)
+        for _ in range(4):
+            if value is ids:
+                return True
+            node = value.producer() if value is not None else None
+            if node is None or node.op_type not in ("Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Identity"):
+                return False
+            value = node.inputs[0]
+        return False
+
+    return next((int(node.inputs[0].shape[0]) for _, node in find_embeddings(model) if reads_ids(node.inputs[1])), 1000)
 
 
 def verification_inputs(vocab: int, real: np.ndarray | None = None, *, random_rows: int = 2, length: int = 64,

@@ -516,12 +516,37 @@ def shift_refusal(region: Region) -> str | None:
     return None
 
 
+def refreshed(region: Region) -> Region:
+    """The region with its linear sources' biases read again from the graph.
+
+    A linear's bias is a sink constant of the region before it (a shift adds to it) and a source
+    constant of its own region. When that bias was shared (an exporter deduplicates equal tensors:
+    every all-zero bias of a random checkpoint is one initializer), the earlier rewrite gave the Add
+    its own new value, so the record found with the regions no longer names what the Add reads.
+    """
+    sources, stale = [], set()
+    for source in region.sources:
+        if source.linear is not None and source.bias is not None:
+            _, bias, bias_node = _bias_after(source.linear)
+            if bias is not source.bias:
+                stale.add(id(source.bias))
+                source = dataclasses.replace(source, bias=bias, bias_node=bias_node)
+        sources.append(source)
+    if not stale:
+        return region
+    shared = [v for v in region.shared if id(v) not in stale]
+    shared += [s.bias for s in sources if s.bias is not None and s.linear is not None and
+               _other_readers(s.bias, {id(s.bias_node)}) and all(s.bias is not v for v in shared)]
+    return dataclasses.replace(region, sources=sources, shared=shared)
+
+
 def unshare(graph: ir.Graph, region: Region) -> Region:
     """Give the region's sources private copies of their shared per-channel constants; returns the updated region.
 
     A pass calls this before changing gamma, beta or a bias in place, so nodes outside the region
     (other norms reading a deduplicated all-ones gamma, say) keep their values.
     """
+    region = refreshed(region)
     copies: dict[int, ir.Value] = {}
     for value in region.shared:
         copies[id(value)] = add_initializer(graph, f"{value.name}.copy", value.const_value.numpy().copy())

@@ -62,10 +62,11 @@ def scale_region(graph: ir.Graph, region, s: np.ndarray) -> None:
     Source channel c leaves the sources as X_c / s_c; sink input row r reads source channel
     region.sink_index[r], so its weight row is multiplied by s[sink_index[r]].
     """
-    from qgraph.ir.regions import weight_array
+    from qgraph.ir.regions import refreshed, weight_array
 
     s = np.asarray(s, dtype=np.float64)
     inv = 1.0 / s
+    region = refreshed(region)  # a bias an earlier region's rewrite replaced (see refreshed)
     for src in region.sources:
         if src.kind in ("rmsnorm", "mul", "layernorm"):
             gamma = src.gamma.const_value.numpy().astype(np.float64)
