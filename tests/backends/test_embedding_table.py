@@ -78,9 +78,45 @@ def test_tied_head_defaults_to_int8_activations_inside_the_kernel(llama_captured
     assert 0 < error < 2e-2, error
 
 
-def test_tied_head_needs_a_tied_model():
-    with pytest.raises(QGraphError, match="does not read the embedding table"):
-        QuantizeEmbeddingPass(table_spec("int8", 32), tie_lm_head=True)(_untied_llama())
+def test_untied_head_under_a_tied_recipe_gets_its_own_copy_of_the_format():
+    # Mistral, Qwen3, Phi-3 ... ship untied heads: the tied recipe (w4a16-awq) gives the head the table's
+    # 8-bit blocks in its own copy, and the logits equal the model whose head weights are those values.
+    model = _untied_llama()
+    head = next(n for n in model.graph if n.op_type == "MatMul" and "lm_head" in (n.name or ""))
+    weight = head.inputs[1]
+    w = weight.const_value.numpy() if weight.const_value is not None else None
+    reference = model.clone()
+    ref_weight = next(n for n in reference.graph if n.name == head.name).inputs[1]
+    if w is None:  # MatMul(x, Transpose(W [V, D]))
+        source = weight.producer().inputs[0]
+        fq = fake_quantize(source.const_value.numpy(), table_spec("int8", 32))
+        ref_weight.producer().inputs[0].const_value = ir.tensor(fq, name=source.name)
+    else:  # W [D, V]: blocks run along D, the table's hidden axis
+        ref_weight.const_value = ir.tensor(np.ascontiguousarray(fake_quantize(w.T, table_spec("int8", 32)).T),
+                                           name=weight.name)
+    table_name = find_embeddings(reference)[0][1].inputs[0].name
+    table = reference.graph.initializers[table_name]
+    table.const_value = ir.tensor(fake_quantize(table.const_value.numpy(), table_spec("int8", 32)), name=table_name)
+    p = QuantizeEmbeddingPass(table_spec("int8", 32), tie_lm_head=True, accuracy_level=0)
+    p(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("MatMulNBits") == 1 and ops.count("GatherBlockQuantized") == 1
+    assert list(p.summary()["untied_lm_head"]) == [head.name]
+    assert weight.name not in model.graph.initializers or w is None  # the float head is not stored any more
+    ids = np.random.default_rng(0).integers(0, 256, size=(1, 16), dtype=np.int64)
+    want = session_from_model(reference, threads=1).run(None, {reference.graph.inputs[0].name: ids})[0]
+    got = session_from_model(model, threads=1).run(None, {model.graph.inputs[0].name: ids})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # float activations: the dequantized model exactly
+
+
+def test_tied_head_needs_an_lm_head_on_a_constant():
+    model = _untied_llama()
+    head = next(n for n in model.graph if n.op_type == "MatMul" and "lm_head" in (n.name or ""))
+    fed = ir.Value(name="head_weight", type=ir.TensorType(ir.DataType.FLOAT), shape=head.inputs[1].shape)
+    model.graph.inputs.append(fed)
+    head.replace_input_with(1, fed)
+    with pytest.raises(QGraphError, match="no lm_head MatMul on a constant weight"):
+        QuantizeEmbeddingPass(table_spec("int8", 32), tie_lm_head=True)(model)
 
 
 def test_recipe_tied_head_needs_a_quantized_table():
