@@ -169,6 +169,7 @@ def _head_to_matmulnbits(graph: ir.Graph, layer, codes: ir.Value, scales: ir.Val
     graph.remove(layer.node, safe=True)
     new.outputs[0].name = old_name
     if weight_producer is not None and weight_producer.op_type == "Transpose" and not weight_producer.outputs[0].uses():
+        old_weight = weight_producer.inputs[0]
         graph.remove(weight_producer, safe=True)
-    elif weight_producer is None and not old_weight.uses() and old_weight.name in graph.initializers:
+    if not old_weight.uses() and old_weight.name in graph.initializers and old_weight not in graph.outputs:
         graph.initializers.pop(old_weight.name)  # an untied head's float weight is not stored any more
