@@ -177,7 +177,9 @@ def eval_cmd(
     else:
         _out().print(
             f"perplexity [bold]{result['ppl']:.4f}[/] over {result['tokens']} scored predictions "
-            f"({result['windows']} windows x {result['ctx']} tokens, {result['runtime']}: {result['model']})"
+            f"({result['windows']} windows x {result['ctx']} tokens, {result['runtime']}: {result['model']}"
+            + (f"; int8 GEMMs: {result['int8_kernel']}" if result.get("int8_kernel", "as stored") != "as stored" else "")
+            + ")"
         )
 
 
