@@ -141,10 +141,13 @@ class CompiledModel:
 
         return write_atomically(out_dir, fill)
 
-    def runner(self, threads: int = 2) -> Runner:
+    def runner(self, threads: int = 2, runtime: bool | str = True) -> Runner:
+        """A runner on the runtime graph (runtime=True), model.onnx (False), or the runtime graph only when it
+        is the fused-attention one ("fused": a one-pass perplexity must not read KIVI's unrounded prompt pass)."""
         from qgraph.backends.onnx_qdq import session_from_model
 
-        graph = self.runtime if self.runtime is not None else self.model
+        use_runtime = runtime is True or (runtime == "fused" and self.runtime_kind == "fused-attention")
+        graph = self.runtime if self.runtime is not None and use_runtime else self.model
         return Runner.from_session(session_from_model(graph, threads=threads), self.tokenizer, self.recipe.name)
 
 
@@ -369,7 +372,7 @@ def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, 
 
     host_int8.choice(int8_kernel)  # a mistyped choice is reported before any loading
     if isinstance(target, CompiledModel):
-        return target.runner(threads)
+        return target.runner(threads, runtime)
     if isinstance(target, CapturedModel):
         if target.torch_module is not None:
             return Runner.from_torch(target.torch_module, target.tokenizer, "torch")

@@ -95,6 +95,8 @@ def test_artifact_runs_the_stored_cache_where_it_decodes(kv4, tmp_path, text_fil
     unfused = qgraph.evaluate(qgraph.open_runner(out, runtime=False), text=str(text_file), windows=2, ctx=64,
                               progress=False)["ppl"]
     assert one_pass == unfused
+    in_memory = qgraph.evaluate(kv4, text=str(text_file), windows=2, ctx=64, progress=False)["ppl"]
+    assert abs(in_memory - unfused) < 1e-6 * unfused  # a CompiledModel is evaluated the same way
     assert len(qgraph.generate(out, [3, 4, 5], max_new_tokens=40).new_ids) == 40  # past the first stored group
 
 
