@@ -180,13 +180,12 @@ def _decode_nodes(graph: ir.Graph, name: str, layout: KiviLayout, codes: ir.Valu
     if bits == 8:
         unpacked = codes
     else:
-        mask = const("mask", np.uint8(2**bits - 1))
+        mask, last = const("mask", np.uint8(2**bits - 1)), const("last", np.array([-1]))
         parts = []
         for j in range(8 // bits):
             shifted = op("BitShift", [codes, const(f"by{j}", np.uint8(bits * j))], f"shift{j}", direction="RIGHT") \
                 if j else codes
-            parts.append(op("Unsqueeze", [op("BitwiseAnd", [shifted, mask], f"part{j}"), const("last", np.array([-1]))],
-                            f"part{j}_axis"))
+            parts.append(op("Unsqueeze", [op("BitwiseAnd", [shifted, mask], f"part{j}"), last], f"part{j}_axis"))
         pairs = op("Concat", parts, "parts", axis=-1)
         unpacked = op("Reshape", [pairs, const("flat", np.array([0, 0, 0, d]))], "unpacked")
     values = op("Cast", [unpacked], "values", to=ir.DataType.FLOAT)
