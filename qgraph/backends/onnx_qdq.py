@@ -149,10 +149,13 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         self.int8_kernel = get_int8_kernel(int8_kernel)
         self.lowered: dict[str, str] = {}
         self.fallbacks: list[str] = []
+        # Block sums of an input, made once for every float-zero-point layer that reads it (q, k, v share one).
+        self._block_sums: dict[tuple[str, int, int], ir.Value] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         activation_dq: dict[str, ir.Value] = {}
+        self._block_sums = {}
         for layer in find_linears(model):
             note = annotation_of(layer.node)
             if note is None:
@@ -179,6 +182,8 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                 self._lower_activation_qdq(graph, layer, note, activation_dq)
             self.lowered[layer.name] = kernel_for(note, self.int8_kernel.name)
         ir.passes.common.RemoveUnusedNodesPass()(model)
+        if self._block_sums:
+            graph.sort()  # a shared block sum sits before the first layer lowered, not the first in the graph
         return ir.passes.PassResult(model, modified=bool(self.lowered))
 
     def summary(self) -> dict:
@@ -301,13 +306,11 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
             # then @ C [blocks, N]. Exact up to float rounding.
             blocks = k // block
             shift = scales.reshape(n, blocks) * (8.0 - zps.reshape(n, blocks))
-            name = f"qgraph.block_sum_{k}x{block}"
-            if name in graph.initializers:
-                indicator = graph.initializers[name]
-            else:
-                indicator = add_initializer(graph, name, np.repeat(np.eye(blocks, dtype=np.float32), block, axis=0))
-            sums = ir.node("MatMul", [x, indicator], name=f"{layer.name}.block_sums")
-            correction = ir.node("MatMul", [sums.outputs[0], add_initializer(
+            sums = []
+            if (x.name, k, block) not in self._block_sums:
+                sums = _block_sum_nodes(graph, x, k, block, layer.name)
+                self._block_sums[x.name, k, block] = sums[-1].outputs[0]
+            correction = ir.node("MatMul", [self._block_sums[x.name, k, block], add_initializer(
                 graph, f"{layer.weight.name}_q4.zero_point_shift", np.ascontiguousarray(shift.T))],
                 name=f"{layer.name}.zero_point_shift")
             zps = None
@@ -328,7 +331,7 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         out = new
         if correction is not None:
             out = ir.node("Add", [new.outputs[0], correction.outputs[0]], name=f"{layer.name}.with_zero_points")
-            graph.insert_after(new, [sums, correction, out])
+            graph.insert_after(new, [*sums, correction, out])
         if bias is not None:
             with_bias = ir.node("Add", [out.outputs[0], bias], name=f"{layer.name}.with_bias")
             graph.insert_after(out, [with_bias])
@@ -337,6 +340,34 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         old_out.replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
         graph.remove(layer.node, safe=True)
         out.outputs[0].name = old_name
+
+
+def _shared_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """The initializer `name`, added once and read by every node that needs the same constant."""
+    return graph.initializers[name] if name in graph.initializers else add_initializer(graph, name, array)
+
+
+def _block_sum_nodes(graph: ir.Graph, x: ir.Value, k: int, block: int, name: str) -> list[ir.Node]:
+    """Nodes summing x's last axis over blocks of `block`: [..., K] -> [..., K / block].
+
+    Reshape + ReduceSum where x's rank is known: at decode these run on one thread, where a MatMul by a
+    block indicator went through MLAS's thread pool (about 10 us more per layer on 2 threads).
+    """
+    rank = len(x.shape) if x.shape is not None else None
+    if rank:
+        shape = _shared_constant(graph, f"qgraph.block_shape_{rank}d_{block}",
+                                 np.array([0] * (rank - 1) + [-1, block], np.int64))
+        axis = _shared_constant(graph, "qgraph.last_axis", np.array([-1], np.int64))
+        grouped = ir.node("Reshape", [x, shape], name=f"{name}.blocks")
+        sums = ir.node("ReduceSum", [grouped.outputs[0], axis], attributes={"keepdims": 0}, name=f"{name}.block_sums")
+        # Shapes kept, so later rewrites (the runtime graph's skip norms) see the block-sum term's shape.
+        grouped.outputs[0].shape = ir.Shape([*x.shape[:-1], k // block, block])
+        sums.outputs[0].shape = ir.Shape([*x.shape[:-1], k // block])
+        grouped.outputs[0].type = sums.outputs[0].type = x.type
+        return [grouped, sums]
+    indicator = _shared_constant(graph, f"qgraph.block_sum_{k}x{block}",
+                                 np.repeat(np.eye(k // block, dtype=np.float32), block, axis=0))
+    return [ir.node("MatMul", [x, indicator], name=f"{name}.block_sums")]
 
 
 def save_model(model: ir.Model, path: Path) -> list[Path]:

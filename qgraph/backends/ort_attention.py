@@ -255,15 +255,40 @@ def _set_heads(model: ir.Model, blocks: list[_Block]) -> list[tuple[_Block, str]
     return bad
 
 
+def _zero_point_shift(value: ir.Value) -> tuple[ir.Node, ir.Value | None, np.ndarray | None] | None:
+    """The MatMulNBits making `value`, with the block-sum term of a float-zero-point layer (sums, shift) if any.
+
+    A float-zero-point layer lowers to Add(MatMulNBits(x), MatMul(block_sums(x), shift)) (onnx_qdq); a
+    plain one is its MatMulNBits alone. None for anything else.
+    """
+    node = value.producer()
+    if node is not None and node.op_type == "MatMulNBits" and node.domain == MS:
+        return node, None, None
+    if node is None or node.op_type != "Add" or node.domain != "":
+        return None
+    a, b = (i.producer() if i is not None else None for i in node.inputs)
+    if b is not None and b.op_type == "MatMulNBits":
+        a, b = b, a
+    if a is None or a.op_type != "MatMulNBits" or a.domain != MS or b is None or b.op_type != "MatMul":
+        return None
+    shift = _const(b.inputs[1])
+    return (a, b.inputs[0], shift) if shift is not None else None
+
+
 def _packed_projection(graph: ir.Graph, block: _Block) -> ir.Value | None:
     """One MatMulNBits for q, k and v when all three are MatMulNBits of the same input and format (None otherwise).
 
     GroupQueryAttention takes the packed [B, S, (H + 2 Hkv) D] output as its query: one int4 GEMV
     of 960 rows instead of three (576, 192, 192) per token, as the model builder packs them. The
-    packed weight, scales and zero points are the three concatenated along N, row for row.
+    packed weight, scales and zero points are the three concatenated along N, row for row; float
+    zero points' block-sum terms (w4a16-q41) are packed alike into one MatMul and one Add.
     """
-    nodes = [v.producer() for v in (block.q, block.k, block.v)]
-    if any(n is None or n.op_type != "MatMulNBits" or n.domain != MS for n in nodes):
+    found = [_zero_point_shift(v) for v in (block.q, block.k, block.v)]
+    if any(f is None for f in found):
+        return None
+    nodes = [f[0] for f in found]
+    sums = {id(f[1]) for f in found}
+    if len(sums) != 1 or (found[0][1] is None) != (found[0][2] is None):
         return None
     first = nodes[0]
     same = ("K", "bits", "block_size", "accuracy_level")
@@ -287,8 +312,16 @@ def _packed_projection(graph: ir.Graph, block: _Block) -> ir.Value | None:
     attrs["N"] = sum(n.attributes.get_int("N") for n in nodes)
     packed = ir.node("MatMulNBits", inputs, attributes=attrs, domain=MS, name=name)
     graph.insert_before(first, packed)
-    packed.outputs[0].name = f"{name}.output"
-    return packed.outputs[0]
+    out = packed.outputs[0]
+    if found[0][1] is not None:
+        shift = _initializer(graph, f"{name}.zero_point_shift", np.concatenate([f[2] for f in found], axis=1))
+        term = ir.node("MatMul", [found[0][1], shift], name=f"{name}.zero_point_shift")
+        total = ir.node("Add", [out, term.outputs[0]], name=f"{name}.with_zero_points")
+        graph.insert_after(packed, [term, total])
+        out.name = f"{name}.int4"
+        out = total.outputs[0]
+    out.name = f"{name}.output"
+    return out
 
 
 def _rotary_caches(graph: ir.Graph, cos: ir.Value, sin: ir.Value, positions: ir.Value, length: int,
@@ -404,19 +437,32 @@ def fuse_attention(model: ir.Model, *, context: int = 4096, sliding_window: int 
         report.fused.append(block.name)
     if report.fused:
         model.opset_imports.setdefault(MS, 1)
+    model.graph.sort()
     report.norms, report.skip_norms = _fuse_norms(model)
     model.graph.sort()  # the shared seqlens / caches nodes were appended after their first reader
     return report
 
 
 def _contrib_shapes(model: ir.Model) -> None:
-    """Output shapes for MatMulNBits (ONNX shape inference does not know contrib ops): the input's with N last."""
-    for node in model.graph:
-        if node.op_type == "MatMulNBits" and node.outputs[0].shape is None:
-            x, n = node.inputs[0], node.attributes.get_int("N")
-            if x.shape is not None and n is not None:
-                node.outputs[0].shape = ir.Shape([*x.shape[:-1], n])
-                node.outputs[0].type = x.type
+    """Output shapes for MatMulNBits (ONNX shape inference does not know contrib ops): the input's with N last.
+
+    Also the block-sum term of float zero points after it (MatMul by a constant, Add of equal shapes), so
+    that the skip-norm rule sees the residual Add's shapes.
+    """
+    for node in model.graph:  # sorted: producers first
+        out = node.outputs[0] if node.outputs else None
+        if out is None or out.shape is not None:
+            continue
+        x = node.inputs[0] if node.inputs else None
+        if x is None or x.shape is None:
+            continue
+        if node.op_type == "MatMulNBits" and node.attributes.get_int("N") is not None:
+            out.shape, out.type = ir.Shape([*x.shape[:-1], node.attributes.get_int("N")]), x.type
+        elif node.op_type == "MatMul" and node.domain == "" and (w := _const(node.inputs[1])) is not None and w.ndim == 2:
+            out.shape, out.type = ir.Shape([*x.shape[:-1], w.shape[1]]), x.type
+        elif node.op_type == "Add" and node.domain == "" and node.inputs[1].shape is not None and \
+                list(node.inputs[1].shape) == list(x.shape):
+            out.shape, out.type = x.shape, x.type
 
 
 def _fuse_norms(model: ir.Model) -> tuple[int, int]:

@@ -160,7 +160,7 @@ def test_formats_without_fused_kernels_still_run(llama_captured, recipe, bound):
 
 
 def test_float_zero_points_lower_to_the_fast_kernel_plus_a_block_sum_correction(llama_captured):
-    """w4a16-q41: MatMulNBits without zero points (ORT's fast path) + (x @ block indicator) @ s (8 - z), equal to
+    """w4a16-q41: MatMulNBits without zero points (ORT's fast path) + block_sums(x) @ s (8 - z), equal to
     the float graph with the same fake-quantized weights up to the kernel's int8 activations (accuracy level 4)."""
     from qgraph.ir.regions import find_linears, weight_array
     from qgraph.ir.rewrite import set_linear_weight
@@ -172,8 +172,11 @@ def test_float_zero_points_lower_to_the_fast_kernel_plus_a_block_sum_correction(
     nbits = [n for n in graph if n.op_type == "MatMulNBits" and n.name.startswith("model.layers")]
     assert len(nbits) == 14 and all(len(n.inputs) == 3 for n in nbits)  # no zero-point input: the fast kernel
     assert sum(n.name.endswith(".zero_point_shift") for n in graph) == 14
-    assert sorted(k for k in graph.initializers if k.startswith("qgraph.block_sum_")) == [
-        "qgraph.block_sum_160x32", "qgraph.block_sum_64x32"]  # one indicator per input width, shared
+    # Block sums once per input (q, k, v share one; gate and up another): 4 per layer, one shared shape constant.
+    sums = [n for n in graph if n.name.endswith(".block_sums")]
+    assert [n.op_type for n in sums] == ["ReduceSum"] * 8
+    assert len({n.inputs[0].producer().inputs[0].name for n in sums}) == 8
+    assert sorted(k for k in graph.initializers if k.startswith("qgraph.block_")) == ["qgraph.block_shape_3d_32"]
     reference = llama_captured.model.clone()
     spec = weight_spec(load_recipe("w4a16-q41").blocks.weights)
     for layer in find_linears(reference):

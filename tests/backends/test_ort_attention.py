@@ -149,3 +149,25 @@ def test_packed_qkv_and_its_own_data_file(llama_cache_captured, text_file, tmp_p
     want = _decode(Decoder(session_from_model(compiled.runtime)), ids, 5)[0]
     got = _decode(Decoder(session_from_file(out / "model.ort.onnx")), ids, 5)[0]
     np.testing.assert_array_equal(got, want)
+
+
+def test_float_zero_point_layers_pack_with_their_block_sum_terms(llama_cache_captured):
+    """w4a16-q41: q, k and v (each MatMulNBits + block_sums(x) @ shift) become one MatMulNBits and one packed
+    shift MatMul; the runtime graph decodes as the unfused graph does, unrounded and as compiled alike."""
+    from qgraph.backends.onnx_qdq import session_from_model
+
+    compiled = qgraph.compile(llama_cache_captured, recipe="w4a16-q41", progress=False)
+    report = compiled.report["ort_fusion"]
+    assert report["attention_fused"] == 2 and report["verified_max_abs_diff"] < 1e-4
+    assert report["skip_rms_norms"] == 3  # the residual Adds see the block-sum term's shape
+    runtime = compiled.runtime.graph
+    packed = [n for n in runtime if n.name.endswith(".qkv_proj")]
+    shifts = [n for n in runtime if n.name.endswith(".qkv_proj.zero_point_shift")]
+    assert len(packed) == len(shifts) == 2 and shifts[0].inputs[1].const_value.shape == (2, 64 + 2 * 32)
+    assert _ops(compiled.runtime)["MatMulNBits"] == _ops(compiled.model)["MatMulNBits"] - 2 * 2
+    block_sums = [sum(n.name.endswith(".block_sums") for n in g) for g in (runtime, compiled.model.graph)]
+    assert block_sums == [8, 8]  # still one per input, shared by the packed term
+    ids = np.random.default_rng(2).integers(0, 250, size=(1, 9))
+    want = _decode(Decoder(session_from_model(compiled.model)), ids, 4)[0]
+    got = _decode(Decoder(session_from_model(compiled.runtime)), ids, 4)[0]
+    np.testing.assert_allclose(got, want, atol=0.1 * np.abs(want).max())
