@@ -238,9 +238,9 @@ def parse_recipe(data: Any, origin: str) -> Recipe:
     )
     embedding = _tensor_rule(d.get("embedding"), "embedding", origin, EMBEDDING_KEYS)
     if embedding is not None:
-        if embedding.format != "int8" or embedding.granularity != "group":
+        if embedding.format not in ("int8", "int4") or embedding.granularity != "group":
             raise QGraphError(f"recipe {origin}: embedding {embedding.format} {embedding.granularity} is not supported",
-                              "use embedding: {format: int8, granularity: group, group_size: 32}, or float")
+                              "use embedding: {format: int8 (or int4), granularity: group, group_size: 32}, or float")
         _kernel_block(embedding, "embedding", origin, "GatherBlockQuantized", "use group_size: 32")
     head = d.get("lm_head")
     tied = head == "tied"

@@ -34,17 +34,18 @@ def _untied_llama() -> ir.Model:
     return qgraph.load(tiny_llama(tie=False), example_inputs=(ids,), progress=False).model
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("block", [32, 128])  # 128: hidden 64 is one padded (tail) block
-def test_quantized_table_and_tied_head_match_the_dequantized_float_model(block, llama_captured):
+def test_quantized_table_and_tied_head_match_the_dequantized_float_model(block, fmt, llama_captured):
     model = llama_captured.model.clone()
     table_name = find_embeddings(model)[0][1].inputs[0].name
     table = model.graph.initializers[table_name].const_value.numpy()
     reference = model.clone()
     reference.graph.initializers[table_name].const_value = ir.tensor(
-        fake_quantize(table, table_spec("int8", block)), name=table_name)
+        fake_quantize(table, table_spec(fmt, block)), name=table_name)
 
     # accuracy_level 0: float activations, so the kernels must reproduce the dequantized model exactly
-    p = QuantizeEmbeddingPass(table_spec("int8", block), tie_lm_head=True, accuracy_level=0)
+    p = QuantizeEmbeddingPass(table_spec(fmt, block), tie_lm_head=True, accuracy_level=0)
     p(model)
     ops = [n.op_type for n in model.graph]
     assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 1 and "Gather" not in ops
@@ -53,7 +54,10 @@ def test_quantized_table_and_tied_head_match_the_dequantized_float_model(block, 
     assert len(stored) == 1  # ... and its codes are stored once, for both readers
     info = p.summary()["tables"][table_name]
     blocks = -(-table.shape[1] // block)
-    assert info["lm_head"] and info["stored_bytes"] == table.shape[0] * blocks * (block + 4)  # codes + one scale a block
+    code_bytes = block * (8 if fmt == "int8" else 4) // 8  # 4-bit codes two per byte
+    assert info["lm_head"] and info["stored_bytes"] == table.shape[0] * blocks * (code_bytes + 4)  # + one scale a block
+    kernels = {n.op_type: n.attributes.get_int("bits") for n in model.graph if n.domain == "com.microsoft"}
+    assert kernels == {"GatherBlockQuantized": int(fmt[3:]), "MatMulNBits": int(fmt[3:])}
 
     ids = np.random.default_rng(0).integers(0, 256, size=(1, 16), dtype=np.int64)
     feed = {model.graph.inputs[0].name: ids}
@@ -126,7 +130,11 @@ def test_recipe_tied_head_needs_a_quantized_table():
         parse_recipe({"weights": {"format": "int8"}, "lm_head": "tied"}, "r.yaml")
     with pytest.raises(QGraphError, match="block size 24 .* power of two"):
         table_spec("int8", 24)
-    with pytest.raises(QGraphError, match="embedding int4 group is not supported"):
-        parse_recipe({"embedding": {"format": "int4", "granularity": "group", "group_size": 32}}, "r.yaml")
+    with pytest.raises(QGraphError, match="embedding fp8_e4m3 group is not supported"):
+        parse_recipe({"embedding": {"format": "fp8_e4m3", "granularity": "group", "group_size": 32}}, "r.yaml")
+    with pytest.raises(QGraphError, match="embedding int4 channel is not supported"):
+        parse_recipe({"embedding": {"format": "int4", "granularity": "channel"}}, "r.yaml")
+    int4 = parse_recipe({"embedding": {"format": "int4", "granularity": "group", "group_size": 32}}, "r")
+    assert int4.embedding.format == "int4"
     r = parse_recipe({"embedding": {"format": "int8", "granularity": "group", "group_size": 32}, "lm_head": "tied"}, "r")
     assert r.lm_head_tied and r.embedding.group_size == 32 and r.lm_head is None
