@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from qgraph.calib.data import (
     calibration_windows,
     evaluation_windows,
 )
+from qgraph.calib.tensors import TensorFeeds, as_tensor_feeds
 from qgraph.errors import QGraphError
+from qgraph.eval.verify import reads_tokens
 from qgraph.ir.capture import CapturedModel
 from qgraph.recipes import Recipe, load_recipe
 
@@ -174,15 +177,17 @@ def _version() -> str:
 def compile(  # noqa: A001 - mirrors `qgraph compile`
     model: CapturedModel,
     recipe: str | Path | Recipe = "w8a8",
-    calib: CalibConfig | TokenWindows | None = None,
+    calib: CalibConfig | TokenWindows | TensorFeeds | Iterable[dict] | str | Path | None = None,
     *,
     progress: bool = True,
     verify: bool = False,
 ) -> CompiledModel:
     """Annotate the recipe's layers, calibrate static activations, lower to ONNX Runtime ops.
 
-    verify=True runs the float graph before and after every function-preserving pass (random and
-    calibration tokens) and raises if its outputs move beyond float rounding.
+    calib: text (CalibConfig, TokenWindows) for language models; for models that read tensors
+    (images, features) an iterable of {input name: array} feeds, an .npz / .npy / folder path, or
+    TensorFeeds. verify=True runs the float graph before and after every function-preserving pass
+    (random and calibration inputs) and raises if its outputs move beyond float rounding.
     """
     from qgraph.calib.blas import blas_threads
     from qgraph.calib.stats import CALIB_THREADS
@@ -205,6 +210,13 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     if model.model is None:
         raise QGraphError("this CapturedModel was loaded without export", "use qgraph.load(...) to capture it")
     check_compilable(model.model, runs_graph=recipe.needs_calibration or verify)
+    tokens = reads_tokens(model.model)
+    if calib is not None and not isinstance(calib, (CalibConfig, TokenWindows)):
+        calib = as_tensor_feeds(calib, list(model.model.graph.inputs))
+    elif recipe.needs_calibration and not tokens and not isinstance(calib, TokenWindows):
+        raise QGraphError(f"recipe {recipe.name} calibrates activations, and this model reads tensors "
+                          f"({model.model.graph.inputs[0].name!r}: {model.model.graph.inputs[0].dtype}), not text",
+                          "pass calibration data: --calib-data DIR_OR_NPZ, or calib=[{input name: array}, ...] in the API")
     not_quantized = left_in_float(model.model)
     graph_model = model.model.clone()  # passes work in place; the captured graph stays float
     passes: list[dict] = []
@@ -213,15 +225,19 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     def run(p, name: str, log: list[dict] = passes, verdicts: list[dict] = verified) -> None:
         t = time.perf_counter()
         if verify and getattr(p, "function_preserving", False):
-            from qgraph.eval.verify import check_pass, token_range, verification_inputs
+            from qgraph.eval.verify import check_pass, tensor_verification_inputs, token_range, verification_inputs
 
-            vocab = token_range(graph_model)
-            in_shape = graph_model.graph.inputs[0].shape
-            length = in_shape[1] if in_shape is not None and isinstance(in_shape[1], int) else 128  # static exports
-            if isinstance(calib, TokenWindows) and length == 128:
-                length = min(length, calib.ctx)  # sentence-length encoder windows are real inputs too
-            real = calib.ids[:1, :length] if isinstance(calib, TokenWindows) and calib.ctx >= length else None
-            inputs = verification_inputs(vocab, real, length=length)
+            if not tokens:
+                inputs = tensor_verification_inputs(list(graph_model.graph.inputs),
+                                                    calib if isinstance(calib, TensorFeeds) else None)
+            else:
+                vocab = token_range(graph_model)
+                in_shape = graph_model.graph.inputs[0].shape
+                length = in_shape[1] if in_shape is not None and isinstance(in_shape[1], int) else 128  # static exports
+                if isinstance(calib, TokenWindows) and length == 128:
+                    length = min(length, calib.ctx)  # sentence-length encoder windows are real inputs too
+                real = calib.ids[:1, :length] if isinstance(calib, TokenWindows) and calib.ctx >= length else None
+                inputs = verification_inputs(vocab, real, length=length)
             result, verdict = check_pass(p, graph_model, inputs, name=name)
             verdicts.append(verdict.to_dict())
         else:
@@ -229,7 +245,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
         log.append({"pass": name, "modified": result.modified, "seconds": round(time.perf_counter() - t, 3),
                     **p.summary()})
 
-    if recipe.needs_calibration and not isinstance(calib, TokenWindows):
+    if recipe.needs_calibration and not isinstance(calib, (TokenWindows, TensorFeeds)):
         calib = calibration_windows_for(model, calib or CalibConfig())
     # Graph cleanup on every recipe, fp32 included, so quantized and float artifacts compare like for like.
     simplified: list[dict] = []
@@ -257,7 +273,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     runs_in_ort = all(v.dtype != ir.DataType.FLOAT4E2M1 for v in graph_model.graph.initializers.values())
     # A graph with inputs besides the token ids (a weight fed at run time) cannot be run for SQNR.
     sqnr = (_layer_sqnr(model, float_reference, graph_model, list(annotate.annotated), calib, progress)
-            if annotate.annotated and runs_in_ort and not extra_inputs(graph_model) else {})
+            if annotate.annotated and runs_in_ort and (not extra_inputs(graph_model) or isinstance(calib, TensorFeeds)) else {})
     sqnr_seconds = round(time.perf_counter() - t, 3)
     layers = [{"name": name, **note.describe(), **({"sqnr_db": round(sqnr[name], 2)} if name in sqnr else {})}
               for name, note in annotate.annotated.items()]
@@ -302,7 +318,8 @@ def _layer_sqnr(model: CapturedModel, reference, lowered, layers: list[str], cal
     from qgraph.progress import status
 
     try:
-        windows = calib if isinstance(calib, TokenWindows) else calibration_windows_for(model, calib or CalibConfig())
+        windows = calib if isinstance(calib, (TokenWindows, TensorFeeds)) else calibration_windows_for(
+            model, calib or CalibConfig())
     except QGraphError:
         return {}
     with status("measuring per-layer SQNR", enabled=progress):
@@ -469,16 +486,23 @@ def evaluate(
 
 
 def bench(target: Any, *, threads: int = 2, runs: int = 10, prefill_tokens: int = 512,
-          contexts: tuple[int, ...] = (128, 512, 1024), steps: int = 32, int8_kernel: str | None = None) -> dict:
+          contexts: tuple[int, ...] = (128, 512, 1024), steps: int = 32, int8_kernel: str | None = None,
+          batch: int = 1) -> dict:
     """Latency of an artifact. A KV-cache artifact: prefill ms at 128 / 512 tokens, decode tokens/s at
     each context with the cache, cache bytes per token and peak memory (`kv_cache` true). A logits-only
-    one: prefill and a single-token forward (median of `runs`), a proxy for decode. int8_kernel as open_runner."""
+    one: prefill and a single-token forward (median of `runs`), a proxy for decode. A model reading
+    tensors (images): one forward on random inputs at `batch` (`latency_ms`, `samples_per_s`).
+    int8_kernel as open_runner."""
     from qgraph.eval.bench import bench as _bench
-    from qgraph.eval.bench import bench_generation
+    from qgraph.eval.bench import bench_generation, bench_tensors
+    from qgraph.eval.verify import reads_tokens_of
     from qgraph.generate import Decoder
     from qgraph.ir.feeds import has_cache
 
     runner = target if isinstance(target, Runner) else open_runner(target, threads=threads, int8_kernel=int8_kernel)
+    if runner.session is not None and not reads_tokens_of(runner.session.get_inputs()):
+        return {**bench_tensors(runner.session, batch=batch, runs=runs), "threads": threads,
+                "int8_kernel": runner.int8_kernel, "model": runner.name}
     if runner.session is not None and has_cache(runner.session.get_inputs()):
         result = bench_generation(Decoder(runner.session), prompts=(128, prefill_tokens) if prefill_tokens != 128 else (128,),
                                   contexts=contexts, steps=steps, runs=max(1, min(runs, 5)), vocab=runner.vocab)

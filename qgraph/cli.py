@@ -46,6 +46,10 @@ def compile_cmd(
     calib_text: str | None = typer.Option(None, "--calib-text", help="Calibration text file (default britannica)."),
     calib_windows: int = typer.Option(8, "--calib-windows", help="Number of calibration windows."),
     ctx: int = typer.Option(512, "--ctx", help="Tokens per calibration window."),
+    calib_data: Path | None = typer.Option(
+        None, "--calib-data",
+        help="Models that read tensors (images, features): an .npz keyed by input name (samples on axis 0), an "
+             ".npy, or a folder of .npy files or images (resized, center-cropped, ImageNet-normalized)."),
     verify: bool = typer.Option(False, "--verify", help="Prove every function-preserving pass keeps the float outputs."),
     report: bool = typer.Option(False, "--report", help="Also write report.md and sqnr.png (per-layer SQNR)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or table."),
@@ -67,6 +71,8 @@ def compile_cmd(
 ) -> None:
     """Capture MODEL, apply RECIPE and write an ONNX Runtime (or TVM) artifact directory."""
     import qgraph
+    from qgraph.calib.tensors import load_tensor_data
+    from qgraph.eval.verify import reads_tokens
 
     progress = not quiet
     from qgraph.artifact import check_output_dir
@@ -109,7 +115,16 @@ def compile_cmd(
 
             check_genai_source(captured.source, True)
     calib = qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx)
-    if recipe_obj.needs_calibration:  # a bad --calib-text fails now, not after a long export
+    if calib_data is not None:
+        if calib_text is not None:
+            raise QGraphError("--calib-data and --calib-text both given", "calibrate from one: tensors or text")
+        captured = captured.exported(progress=progress)
+        calib = load_tensor_data(calib_data, list(captured.model.graph.inputs))
+    elif captured.model is not None and not reads_tokens(captured.model) and recipe_obj.needs_calibration:
+        first = captured.model.graph.inputs[0]
+        raise QGraphError(f"recipe {recipe_obj.name} calibrates activations, and this model reads tensors "
+                          f"({first.name!r}: {first.dtype}), not text", "give --calib-data DIR_OR_NPZ")
+    elif recipe_obj.needs_calibration:  # a bad --calib-text fails now, not after a long export
         calib = qgraph.api.calibration_windows_for(captured, calib)
     captured = captured.exported(progress=progress)
     capture_s = time.perf_counter() - t0
@@ -159,12 +174,32 @@ def eval_cmd(
         None, "--decode-from",
         help="KV-cache artifacts: each window's first N tokens in one pass, the rest one token per step with the cache."),
     int8_kernel: str | None = typer.Option(None, "--int8-kernel", help=RUN_INT8_HELP),
+    data: Path | None = typer.Option(
+        None, "--data", help="Models that read tensors: an .npz / .npy / folder of images (a folder per class gives "
+                             "labels) to evaluate on, instead of text."),
+    reference: str | None = typer.Option(
+        None, "--reference", help="With --data: the float artifact or .onnx to compare with (top-1 agreement, "
+                                  "logit cosine)."),
 ) -> None:
-    """Perplexity of an artifact or model over non-overlapping token windows (encoders: embedding cosine)."""
+    """Perplexity of an artifact or model over non-overlapping token windows (encoders: embedding cosine;
+    tensor models with --data: top-1 agreement and logit cosine against --reference, top-1 with labels)."""
     import qgraph
 
     if decode_from is not None and decode_from < 1:
         raise QGraphError(f"--decode-from {decode_from}", "give at least 1 prompt token")
+    if reference is not None and data is None:
+        raise QGraphError("--reference compares outputs on --data", "add --data DIR_OR_NPZ")
+    if data is not None:
+        from qgraph.eval.tensor_eval import evaluate_tensors
+
+        result = evaluate_tensors(target, data, reference=reference, threads=threads, int8_kernel=int8_kernel)
+        if as_json:
+            print(json.dumps(result))
+            return
+        parts = [f"{k} [bold]{result[k]:.4f}[/]" for k in ("top1_agreement", "logit_cosine", "top1") if k in result]
+        _out().print(", ".join(parts) + f" over {result['samples']} samples ({result['model']}"
+                     + (f" vs {result['reference']}" if "reference" in result else "") + ")")
+        return
     result = qgraph.evaluate(target, text=text, ctx=ctx, windows=windows, threads=threads, progress=not as_json,
                              sentences=sentences, decode_from=decode_from, int8_kernel=int8_kernel)
     if as_json:
@@ -220,14 +255,22 @@ def bench_cmd(
     steps: int = typer.Option(32, "--steps", help="KV-cache artifacts: decode steps timed per context."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (keys in the README's bench section)."),
     int8_kernel: str | None = typer.Option(None, "--int8-kernel", help=RUN_INT8_HELP),
+    batch: int = typer.Option(1, "--batch", help="Models that read tensors: samples per forward (a dynamic batch axis)."),
 ) -> None:
     """KV-cache artifacts: prefill ms (128 / 512 tokens), decode tokens/s at context 128 / 512 / 1024, peak memory.
-    Logits-only artifacts: prefill and a single-token forward (a proxy for decode)."""
+    Logits-only artifacts: prefill and a single-token forward (a proxy for decode). Tensor models (images):
+    one forward at --batch."""
     import qgraph
 
-    result = qgraph.bench(target, threads=threads, runs=runs, steps=steps, int8_kernel=int8_kernel)
+    if batch < 1:
+        raise QGraphError(f"--batch {batch}", "give at least 1 sample per forward")
+    result = qgraph.bench(target, threads=threads, runs=runs, steps=steps, int8_kernel=int8_kernel, batch=batch)
     if as_json:
         print(json.dumps(result))
+    elif "latency_ms" in result:
+        _out().print(f"forward at batch {result['batch']}: {result['latency_ms']:.2f} ms (min {result['latency_min_ms']:.2f}), "
+                     f"{result['samples_per_s']:.1f} samples/s\n[dim]{threads} threads, median of {runs} runs; "
+                     f"int8 GEMMs: {result['int8_kernel']}[/]")
     elif result["kv_cache"]:
         pre = ", ".join(f"{n} tokens {ms:.1f} ms" for n, ms in result["prefill_ms"].items())
         dec = ", ".join(f"context {c}: {r:.1f}" for c, r in result["decode_tokens_per_s"].items())
@@ -248,9 +291,11 @@ def inspect_cmd(
     model: str | None = typer.Argument(None, help=MODEL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """List the graph's linear layers (with roles), norms, embeddings, channel regions and rejected candidates."""
+    """List the graph's inputs, linear layers (with roles), convolutions, norms, embeddings, channel regions and
+    rejected candidates."""
     import qgraph
     from qgraph.backends.onnx_qdq import int8_kernel_record
+    from qgraph.ir.convs import find_convs
     from qgraph.ir.regions import find_embeddings, find_linears, find_norms, find_regions
 
     captured = qgraph.load(model, progress=not as_json)
@@ -258,7 +303,13 @@ def inspect_cmd(
     norms = find_norms(captured.model)
     embeds = find_embeddings(captured.model)
     regions, rejected = find_regions(captured.model)
+    convs = find_convs(captured.model)
     info = {
+        "inputs": [{"name": v.name, "dtype": str(v.dtype),
+                    "shape": [d if isinstance(d, int) else str(d) for d in (v.shape or [])]}
+                   for v in captured.model.graph.inputs],
+        "convs": [{"name": c.name, "kind": c.kind, "out_channels": c.out_channels, "kernel": list(c.weight.shape)[2:]}
+                  for c in convs],
         "linears": [{"name": l.name, "role": l.role, "in": l.in_features, "out": l.out_features,
                      "op": l.node.op_type, "tied": l.transposed and l.node.op_type == "MatMul"} for l in linears],
         "norms": [{"name": n.name, "kind": n.kind} for n in norms],
@@ -281,6 +332,13 @@ def inspect_cmd(
     for l in info["linears"]:
         t.add_row(l["name"], l["role"] + (" (tied)" if l["tied"] else ""), str(l["in"]), str(l["out"]), l["op"])
     _out().print(t)
+    if convs:
+        c = Table(title=f"convolutions ({len(convs)})")
+        for col in ("name", "kind", "out channels", "kernel"):
+            c.add_column(col)
+        for x in info["convs"]:
+            c.add_row(x["name"], x["kind"], str(x["out_channels"]), "x".join(map(str, x["kernel"])))
+        _out().print(c)
     n = Table(title=f"norms ({len(norms)})")
     n.add_column("name")
     n.add_column("kind")

@@ -19,6 +19,7 @@ from qgraph.backends.int8_kernels import DEFAULT as DEFAULT_INT8_KERNEL
 from qgraph.backends.int8_kernels import KERNELS, takes_int8_gemm
 from qgraph.backends.int8_kernels import int8_kernel as get_int8_kernel
 from qgraph.errors import QGraphError
+from qgraph.ir.convs import conv_weight, find_convs
 from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotation_of, range_of
 from qgraph.ir.regions import find_linears, weight_array
 from qgraph.ir.rewrite import add_initializer
@@ -27,6 +28,10 @@ from qgraph.quantize import qparams_from_range, quantize_tensor
 MS_DOMAIN = "com.microsoft"
 # Above this many bytes of weights the artifact keeps them in model.onnx.data beside model.onnx.
 EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
+# Convolution weights stored as uint8 (int8 codes + 128, zero point 128): ORT fuses the QDQ Conv into
+# QLinearConv with u8 x u8 products, which MLAS widens to int16 exactly on every x86 CPU (u8 x s8 would
+# saturate its pair sums on AVX2 without VNNI, as for the int8 GEMMs; see int8_kernels).
+CONV_WEIGHT_STORAGE = "uint8"
 
 
 def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -68,9 +73,13 @@ def fused_int8(note: LayerAnnotation) -> bool:
     return takes_int8_gemm(note.weight.format, note.activation)
 
 
-def kernel_for(note: LayerAnnotation, int8_kernel: str = DEFAULT_INT8_KERNEL) -> str:
+def kernel_for(note: LayerAnnotation, int8_kernel: str = DEFAULT_INT8_KERNEL, op_type: str = "MatMul") -> str:
     """What ONNX Runtime's CPU provider runs for a QDQ-lowered layer (checked on its optimized graph)."""
     w, a = note.weight, note.activation
+    if op_type == "Gemm" and fused_int8(note):
+        # ORT 1.32 fuses no QDQ Gemm whose output is float, and folds MatMul + bias Add on 2-D inputs back
+        # into Gemm before its int8 fusions run: the layer computes in float on dequantized operands.
+        return "QDQ Gemm: DequantizeLinear + float Gemm (ORT has no int8 Gemm with a float output)"
     if "fp4_e2m1" in (w.format, a and a.format):
         return "standard opset-23 float4e2m1 Q/DQ (no ORT 1.32 CPU kernel: lowering fp4-emulated runs in ORT)"
     if a is not None and not a.static:
@@ -180,7 +189,18 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
             self._lower_weight_qdq(graph, layer, note.weight, self.int8_kernel.weight_storage if fused else "int8")
             if note.activation is not None and note.activation.static:
                 self._lower_activation_qdq(graph, layer, note, activation_dq)
-            self.lowered[layer.name] = kernel_for(note, self.int8_kernel.name)
+            self.lowered[layer.name] = kernel_for(note, self.int8_kernel.name, layer.node.op_type)
+        for conv in find_convs(model):
+            note = annotation_of(conv.node)
+            if note is None:
+                continue
+            self._lower_weight_qdq(graph, conv, note.weight, CONV_WEIGHT_STORAGE, conv_weight(conv))
+            if note.activation is not None:
+                self._lower_activation_qdq(graph, conv, note, activation_dq)
+                if note.output:
+                    self._quantize_output(graph, conv, note, activation_dq)
+            self.lowered[conv.name] = f"QDQ -> QLinearConv ({conv.kind}, u8 x u8)" \
+                if note.activation is not None else f"DQ weights + float {conv.kind}"
         ir.passes.common.RemoveUnusedNodesPass()(model)
         if self._block_sums:
             graph.sort()  # a shared block sum sits before the first layer lowered, not the first in the graph
@@ -190,11 +210,12 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         return {"lowered": len(self.lowered), "ops": dict(collections.Counter(self.lowered.values())),
                 "int8_kernel": self.int8_kernel.name}
 
-    def _lower_weight_qdq(self, graph: ir.Graph, layer, spec: QuantSpec, storage: str = "int8") -> None:
+    def _lower_weight_qdq(self, graph: ir.Graph, layer, spec: QuantSpec, storage: str = "int8",
+                          w: np.ndarray | None = None) -> None:
         if spec.float_zero_point:
             raise QGraphError(f"layer {layer.name!r}: float_zero_point weights have no DequantizeLinear form "
                               "(its zero point is an integer)", "use lowering: matmulnbits with 4-bit weights")
-        w = weight_array(layer)
+        w = weight_array(layer) if w is None else w
         q, scale, zp = quantize_tensor(w, spec)
         if storage == "uint8" and spec.storage_dtype is np.int8:
             # The same grid shifted by 128, so ORT runs its u8 x u8 kernel (exact on every CPU; see int8_kernels).
@@ -247,6 +268,8 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
     def _lower_activation_qdq(self, graph: ir.Graph, layer, note: LayerAnnotation, shared: dict) -> None:
         spec = note.activation
         x = layer.node.inputs[0]
+        if any(x is v for v in shared.values()):
+            return  # already the dequantized output of an earlier layer (a convolution's output Q -> DQ)
         if not spec.static:
             raise QGraphError(
                 f"layer {layer.name}: dynamic activation quantization has no QDQ lowering yet",
@@ -263,21 +286,26 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         # (symmetric: scale max|x|/127, zero point 128) in the form ORT's x86 int8 kernels take.
         # Signed int8 activations fuse only as 1:1 Q->DQ pairs and then run ~4x slower (measured).
         if x.name not in shared:
-            storage = QuantSpec("uint8", "tensor") if spec.format == "int8" else spec
-            scale, zp = qparams_from_range(np.asarray(rng[0]), np.asarray(rng[1]), spec)
-            if spec.format == "int8":
-                zp = (zp.astype(np.int16) + 128).astype(np.uint8)
-            s_v = add_initializer(graph, f"{x.name}.act_scale", scale.reshape(()))
-            z_v = add_initializer(graph, f"{s_v.name}.zero_point", zp.reshape(()))
-            qn = ir.node("QuantizeLinear", [x, s_v, z_v], name=f"{x.name}/act_q")
-            dq = ir.node("DequantizeLinear", [qn.outputs[0], s_v, z_v], name=f"{x.name}/act_dq")
-            qn.outputs[0].name, dq.outputs[0].name = f"{x.name}.q", f"{x.name}.dq"
-            qn.outputs[0].type = ir.TensorType(storage.onnx_dtype)
-            dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-            qn.outputs[0].shape = dq.outputs[0].shape = x.shape
+            qn, dq = _activation_qdq_pair(graph, x, spec, rng)
             graph.insert_before(layer.node, [qn, dq])
             shared[x.name] = dq.outputs[0]
         layer.node.replace_input_with(0, shared[x.name])
+
+    def _quantize_output(self, graph: ir.Graph, conv, note: LayerAnnotation, shared: dict) -> None:
+        """Q -> DQ on a convolution's output (or its Relu / Clip's), so ORT fuses the Conv into QLinearConv."""
+        value = next((o for n in graph for o in n.outputs if o.name == note.output), None)
+        if value is None or value.name in shared:
+            return
+        rng = range_of(value)
+        if rng is None:
+            raise QGraphError(f"layer {conv.name}: output {value.name!r} has no calibrated range",
+                              "run calibration before lowering (qgraph.compile does this for static recipes)")
+        readers = list(value.uses())
+        qn, dq = _activation_qdq_pair(graph, value, note.activation, rng)
+        graph.insert_after(value.producer(), [qn, dq])
+        for user, index in readers:
+            user.replace_input_with(index, dq.outputs[0])
+        shared[value.name] = dq.outputs[0]
 
     def _lower_matmulnbits(self, model: ir.Model, layer, note: LayerAnnotation) -> None:
         graph = model.graph
@@ -340,6 +368,23 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         old_out.replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
         graph.remove(layer.node, safe=True)
         out.outputs[0].name = old_name
+
+
+def _activation_qdq_pair(graph: ir.Graph, x: ir.Value, spec: QuantSpec, rng: tuple[float, float]):
+    """QuantizeLinear -> DequantizeLinear on x with the static range rng (int8 stored as uint8, zero point + 128)."""
+    storage = QuantSpec("uint8", "tensor") if spec.format == "int8" else spec
+    scale, zp = qparams_from_range(np.asarray(rng[0]), np.asarray(rng[1]), spec)
+    if spec.format == "int8":
+        zp = (zp.astype(np.int16) + 128).astype(np.uint8)
+    s_v = add_initializer(graph, f"{x.name}.act_scale", scale.reshape(()))
+    z_v = add_initializer(graph, f"{s_v.name}.zero_point", zp.reshape(()))
+    qn = ir.node("QuantizeLinear", [x, s_v, z_v], name=f"{x.name}/act_q")
+    dq = ir.node("DequantizeLinear", [qn.outputs[0], s_v, z_v], name=f"{x.name}/act_dq")
+    qn.outputs[0].name, dq.outputs[0].name = f"{x.name}.q", f"{x.name}.dq"
+    qn.outputs[0].type = ir.TensorType(storage.onnx_dtype)
+    dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    qn.outputs[0].shape = dq.outputs[0].shape = x.shape
+    return qn, dq
 
 
 def _shared_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

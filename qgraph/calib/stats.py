@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
-from qgraph.ir.feeds import token_feeds
+from qgraph.calib.tensors import TensorFeeds
 from qgraph.progress import track
 
 CALIB_THREADS = 2
@@ -88,7 +88,7 @@ class ChannelStats:
 def collect_stats(
     model: ir.Model,
     value_names: list[str],
-    windows: TokenWindows,
+    windows: TokenWindows | TensorFeeds,
     *,
     threads: int = CALIB_THREADS,
     progress: bool = True,
@@ -109,18 +109,30 @@ def collect_stats(
     # give bit-identical statistics, hence the same artifact.
     session = session_with_outputs(model, wanted, threads=threads, optimize=False)
     inputs = session.get_inputs()
+    axes = channel_axes(model, wanted)
     stats: dict[str, ChannelStats] = {}
-    stride = max(1, windows.ids.size // sample_tokens) if sample_tokens else 0
-    for row in track(windows.ids, "calibrating", total=windows.count, enabled=progress):
-        outs = session.run(wanted, token_feeds(inputs, row[None, :]))
+    stride = max(1, windows.size // sample_tokens) if sample_tokens else 0
+    for feeds in track(windows.feeds(inputs), "calibrating", total=windows.count, enabled=progress):
+        outs = session.run(wanted, feeds)
         for name, arr in zip(wanted, outs, strict=True):
+            if axes[name] != -1 and arr.ndim > 1:
+                arr = np.moveaxis(arr, axes[name], -1)  # channels last: a conv input's NCHW -> N H W C
             if name not in stats:
                 stats[name] = ChannelStats.empty(arr.shape[-1])
             stats[name].update(arr, stride, SINK_POSITIONS if stride else 0, gram=gram)
     return stats
 
 
-def region_stats(model: ir.Model, windows: TokenWindows, *, progress: bool = True, sample_tokens: int = 0):
+def channel_axes(model: ir.Model, names: list[str]) -> dict[str, int]:
+    """Each named value's channel axis, read off the graph: 1 where a convolution reads it (NCHW), else the last."""
+    from qgraph.ir.convs import channel_axis
+
+    values = {v.name: v for v in model.graph.inputs}
+    values.update({o.name: o for node in model.graph for o in node.outputs})
+    return {n: channel_axis(values[n]) if n in values else -1 for n in names}
+
+
+def region_stats(model: ir.Model, windows: TokenWindows | TensorFeeds, *, progress: bool = True, sample_tokens: int = 0):
     """The model's channel regions, its refused candidates (as dicts) and statistics of each region's input."""
     from qgraph.ir.regions import find_regions
 

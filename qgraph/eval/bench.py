@@ -109,3 +109,32 @@ def bench_generation(decoder, *, prompts: tuple[int, ...] = (128, 512), contexts
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "note": CACHED_NOTE,
     }
+
+
+def tensor_feeds_for_bench(inputs: list, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random feeds of each input's dtype and shape, the batch axis (a dynamic axis 0) set to `batch`."""
+    from qgraph.calib.tensors import _input_dims, _input_dtype
+    from qgraph.errors import QGraphError
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for v in inputs:
+        dims = _input_dims(v)
+        if any(d is None for d in dims[1:]):
+            raise QGraphError(f"input {v.name!r} has dynamic axes beyond the batch ({v.shape}): no shape to time",
+                              "export the model with fixed sizes except the batch")
+        shape = [batch if (i == 0 and d is None) else d for i, d in enumerate(dims)]
+        dtype = _input_dtype(v)
+        feeds[v.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                         else np.zeros(shape, dtype=dtype))
+    return feeds
+
+
+def bench_tensors(session, *, batch: int = 1, runs: int = 10) -> dict:
+    """Latency of one forward on random inputs at a batch size: median and min ms, samples per second."""
+    feeds = tensor_feeds_for_bench(session.get_inputs(), batch)
+    batch = next(iter(feeds.values())).shape[0] if feeds else batch  # a fixed batch axis wins
+    times = time_forward(lambda f: session.run(None, f), feeds, runs)
+    med = statistics.median(times)
+    return {"latency_ms": med, "latency_min_ms": min(times), "batch": batch, "runs": runs,
+            "samples_per_s": batch / (med / 1e3)}

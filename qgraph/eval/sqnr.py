@@ -7,13 +7,14 @@ includes the error carried in from the layers before it, like a numeric debugger
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
-from qgraph.ir.feeds import token_feeds
+from qgraph.calib.tensors import TensorFeeds
 
 
 def _layer_outputs(model: ir.Model, layers: list[str]) -> dict[str, str]:
@@ -22,7 +23,7 @@ def _layer_outputs(model: ir.Model, layers: list[str]) -> dict[str, str]:
     return {name: by_node[name] for name in layers if name in by_node}
 
 
-def layer_sqnr(float_model: ir.Model, quant_model: ir.Model, layers: list[str], windows: TokenWindows,
+def layer_sqnr(float_model: ir.Model, quant_model: ir.Model, layers: list[str], windows: TokenWindows | TensorFeeds,
                *, max_windows: int = 2) -> dict[str, float]:
     """SQNR in dB, 10 log10(sum y^2 / sum (y - y_q)^2), of each named layer's output."""
     from qgraph.backends.onnx_qdq import session_with_outputs
@@ -36,9 +37,9 @@ def layer_sqnr(float_model: ir.Model, quant_model: ir.Model, layers: list[str], 
     q_sess = session_with_outputs(quant_model, [q_out[n] for n in names], threads=2, optimize=True)
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
-    for row in windows.ids[:max_windows]:
-        ys = f_sess.run([f_out[n] for n in names], token_feeds(f_sess.get_inputs(), row[None, :]))
-        yq = q_sess.run([q_out[n] for n in names], token_feeds(q_sess.get_inputs(), row[None, :]))
+    for feeds in itertools.islice(windows.feeds(f_sess.get_inputs()), max_windows):
+        ys = f_sess.run([f_out[n] for n in names], feeds)
+        yq = q_sess.run([q_out[n] for n in names], feeds)
         for n, y, q in zip(names, ys, yq, strict=True):
             if y.shape != q.shape:  # widened by split_channels: no channel-for-channel match
                 signal[n] = noise[n] = float("nan")

@@ -37,7 +37,7 @@ class Verification:
                 "tolerance": self.tolerance, "ok": self.ok}
 
 
-def run_float(model: ir.Model, inputs: list[np.ndarray]) -> list[np.ndarray]:
+def run_float(model: ir.Model, inputs: list[np.ndarray] | list[dict]) -> list[np.ndarray]:
     """First output of the graph for each input, one thread, no ORT graph rewrites."""
     from qgraph.backends.onnx_qdq import session_from_model
 
@@ -85,8 +85,40 @@ def verification_inputs(vocab: int, real: np.ndarray | None = None, *, random_ro
     return rows
 
 
+def tensor_verification_inputs(inputs: list, data=None, *, random_rows: int = 2, seed: int = 0) -> list[dict]:
+    """Feeds for a graph that reads tensors: random ones of each input's dtype and shape, then the data's first run.
+
+    Float inputs get standard normal values, integer ones zeros; a dynamic axis takes the data's size
+    (1 without data).
+    """
+    rng = np.random.default_rng(seed)
+    first = data.batches[0] if data is not None and data.batches else {}
+    feeds = []
+    for _ in range(random_rows):
+        feed = {}
+        for v in inputs:
+            dtype = v.dtype.numpy() if v.dtype is not None else np.float32
+            dims = [d if isinstance(d, int) else None for d in (v.shape or [])]
+            shape = [d if d is not None else (first[v.name].shape[i] if v.name in first else 1) for i, d in enumerate(dims)]
+            feed[v.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                            else np.zeros(shape, dtype=dtype))
+        feeds.append(feed)
+    return feeds + ([first] if first else [])
+
+
+def reads_tokens(model: ir.Model) -> bool:
+    """True when the graph's first input is integer ids (a language model); False for image/tensor models."""
+    v = model.graph.inputs[0]
+    return v.dtype is not None and v.dtype.is_integer()
+
+
+def reads_tokens_of(inputs: list) -> bool:
+    """reads_tokens for an ORT session's inputs (NodeArgs: type strings)."""
+    return bool(inputs) and inputs[0].type in ("tensor(int64)", "tensor(int32)")
+
+
 def check_pass(
-    pass_: ir.passes.PassBase, model: ir.Model, inputs: list[np.ndarray], *, name: str | None = None,
+    pass_: ir.passes.PassBase, model: ir.Model, inputs: list[np.ndarray] | list[dict], *, name: str | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> tuple[ir.passes.PassResult, Verification]:
     """Run a function-preserving pass and prove its outputs did not move; raise if they did."""

@@ -102,7 +102,7 @@ def load(
                 f"capturing a torch module ({type(source).__name__}) needs example inputs",
                 "call qgraph.load(module, example_inputs=(tensor, ...))",
             )
-        model = export_module(source, example_inputs, progress=progress) if export else None
+        model = export_batched(source, tuple(example_inputs), progress=progress) if export else None
         return CapturedModel(model, None, {"kind": "torch", "class": type(source).__name__}, source)
     if isinstance(source, ir.Model):
         return CapturedModel(source, None, {"kind": "onnx_ir"})
@@ -406,15 +406,38 @@ def export_module(module, example_inputs: tuple, *, progress: bool = True, dynam
     return model
 
 
+def export_batched(module, example_inputs: tuple, *, progress: bool = True) -> ir.Model:
+    """A module's graph with a dynamic batch axis (axis 0 of every tensor input, ONNX dim param `batch`).
+
+    A module whose forward fixes its batch size (a reshape to a literal, say) cannot take one: it is
+    exported with the example's shapes instead, and its artifact runs at that batch size.
+    """
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.ndim > 0]
+    # Token-id modules (language models) keep the example's shapes: their masks specialize the batch
+    # (a tiny Llama's dynamic export fails, and the retry tripled its capture time).
+    if tensors and len(tensors) == len(example_inputs) and all(x.is_floating_point() for x in tensors):
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        try:
+            return export_module(module, example_inputs, progress=progress,
+                                 dynamic_shapes=tuple({0: batch} for _ in example_inputs))
+        except QGraphError:
+            pass  # a fixed batch in the forward: the static export below says what failed, if anything
+    return export_module(module, example_inputs, progress=progress)
+
+
 def name_nodes_by_scope(model: ir.Model) -> None:
-    """Give each MatMul/Gemm node its torch module path as a stable name; drop exporter metadata."""
+    """Give each MatMul/Gemm/Conv node its torch module path as a stable name; drop exporter metadata."""
     import ast
 
     seen: set[str] = set()
     for node in model.graph:
         scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-        if node.op_type in ("MatMul", "Gemm") and scopes:
+        if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose") and scopes:
             path = ast.literal_eval(scopes)
+            classes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "[]"))
+            # A Conv the exporter fused its BatchNorm into carries the norm's scope: name it by the module holding both.
+            while len(path) > 2 and len(classes) == len(path) and "BatchNorm" in classes[len(path) - 2]:
+                path, classes = path[:-1], classes[:-1]
             if len(path) >= 2:
                 name = path[-2]
                 if name.startswith(_WRAPPER_ATTR + "."):

@@ -60,13 +60,17 @@ def empty_past(v, batch: int) -> np.ndarray:
     return np.zeros((batch, dims[1], 0, dims[3]), dtype=_float_dtype(v))
 
 
-def token_feeds(inputs: Iterable[Any], ids: np.ndarray, *, past: int = 0,
+def token_feeds(inputs: Iterable[Any], ids: np.ndarray | dict[str, np.ndarray], *, past: int = 0,
                 cache: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Feeds for token ids [batch, seq] (the first input takes the ids, whatever its name and rank).
+
+    A dict is already one feed per input name and is returned as it is.
 
     With `cache` (the past_key_values of `past` earlier tokens) the mask covers past + seq tokens and
     the positions start at `past`; without it the past is empty.
     """
+    if isinstance(ids, dict):
+        return ids  # already a feed per input (tensor data: qgraph.calib.tensors)
     inputs = list(inputs)
     feeds = {inputs[0].name: ids}
     if not any(fed_from_ids(v.name) for v in inputs[1:]):

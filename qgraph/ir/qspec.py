@@ -143,12 +143,16 @@ class LayerAnnotation:
     weight: QuantSpec
     activation: QuantSpec | None
     lowering: Literal["qdq", "matmulnbits", "fp4-emulated"] = "qdq"
+    # A convolution's output (or its Relu / Clip's) quantized with the activation spec: ORT fuses a QDQ
+    # Conv into QLinearConv only between a DequantizeLinear input and a QuantizeLinear output.
+    output: str | None = None
 
     def describe(self) -> dict:
         return {
             "weight": self.weight.describe(),
             "activation": self.activation.describe() if self.activation else "float",
             "lowering": self.lowering,
+            **({"output": self.output} if self.output else {}),
         }
 
 

@@ -23,11 +23,13 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         values = {}
+        produced = {o.name: o for node in model.graph for o in node.outputs}
         for node in model.graph:
             note = annotation_of(node)
             if note is not None and note.activation is not None and note.activation.static:
-                if range_of(node.inputs[0]) is None:
-                    values[node.inputs[0].name] = node.inputs[0]
+                for value in (node.inputs[0], produced.get(note.output) if note.output else None):
+                    if value is not None and range_of(value) is None:
+                        values[value.name] = value
         if not values:
             return ir.passes.PassResult(model, modified=False)
         self.stats = collect_stats(model, list(values), self.windows, progress=self.progress)
