@@ -205,6 +205,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     from qgraph.passes.annotate import AnnotateLinearsPass
     from qgraph.passes.calibrate_ranges import CalibrateRangesPass
     from qgraph.passes.drop_nan_guard import DropNanGuardPass
+    from qgraph.passes.fold_batchnorm import FoldBatchNormPass
 
     recipe = load_recipe(recipe)
     if model.model is None:
@@ -251,6 +252,8 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     simplified: list[dict] = []
     simplify_verdicts: list[dict] = []
     run(DropNanGuardPass(), "drop_nan_guard", simplified, simplify_verdicts)
+    if any(n.op_type == "BatchNormalization" for n in graph_model.graph):
+        run(FoldBatchNormPass(), "fold_batchnorm", simplified, simplify_verdicts)
     for entry, verdict in zip(simplified, simplify_verdicts, strict=False):
         entry["verified"] = verdict
     for name, options in recipe.passes:

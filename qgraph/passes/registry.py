@@ -49,6 +49,7 @@ class RecipePass:
     requires: Callable[[LayerRule | None], None] | None = None
     last: str = ""  # set: the pass must run last, because a later pass would <last>
     keeps_weights: bool = False  # the pass changes no weight, so it may follow a `last` pass (kv_quant)
+    data_free: bool = False  # reads the weights only: a recipe of such passes needs no calibration data
 
     def parse(self, options: Any, origin: str) -> Any:
         """The typed options from a recipe's mapping for this pass."""
@@ -68,7 +69,7 @@ _PASSES: dict[str, RecipePass] = {}
 
 
 def register(name: str, options: type, *, help: str, requires: Callable | None = None,  # noqa: A002
-             last: str = "", keeps_weights: bool = False) -> Callable:
+             last: str = "", keeps_weights: bool = False, data_free: bool = False) -> Callable:
     """Decorator for a pass module's `build(options, ctx)`: makes `name` usable in recipes."""
 
     def decorate(build: Callable) -> Callable:
@@ -76,7 +77,7 @@ def register(name: str, options: type, *, help: str, requires: Callable | None =
         if known is not None and known.build.__module__ != build.__module__:
             raise ValueError(f"pass name {name!r} is registered by {known.build.__module__} and {build.__module__}; "
                              "rename one")
-        _PASSES[name] = RecipePass(name, options, build, help, requires, last, keeps_weights)
+        _PASSES[name] = RecipePass(name, options, build, help, requires, last, keeps_weights, data_free)
         return build
 
     return decorate

@@ -83,8 +83,11 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
+        from qgraph.passes.registry import lookup
+
         rules = [r for r in (self.blocks, self.lm_head) if r is not None]
-        return bool(self.passes) or any(r.activations is not None and r.activations.static for r in rules)
+        return (any(not lookup(name, self.name).data_free for name, _ in self.passes)
+                or any(r.activations is not None and r.activations.static for r in rules))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,7 +9,7 @@ by `write()`; every older entry unchanged. Since then recipes carry `int8_kernel
 tensor rules and QuantSpecs a `clip` (default 1.0), and passes start with empty result attributes
 (clipped / rounded / reason ...) that say why they changed nothing, and rotate the SpinQuant options
 (spin_steps 0 keeps the Hadamard), and weight rules and QuantSpecs a float_zero_point (default false),
-and kv_quant KIVI's residual window (default 128, read only by KV-cache artifacts);
+and kv_quant KIVI's residual window (default 128, read only by KV-cache artifacts), and w8a8-cnn;
 each was added after checking every other value was unchanged.
 Private attributes (a leading underscore: scratch state such as calibration samples) are not recorded.
 After an intended change to a recipe or a pass default, rewrite the file with
