@@ -257,3 +257,30 @@ def test_api_calibration_feeds_are_checked_against_every_input():
     both = [{"a": rng.standard_normal((2, 3, 8, 8)).astype(np.float32), "b": rng.standard_normal((2, 5)).astype(np.float32)}]
     compiled = qgraph.compile(captured, "w8a8-cnn", calib=both, progress=False, verify=True)
     assert compiled.report["quantized_layers"] == 1 and len(compiled.report["layer_sqnr_db"]) == 1  # every input fed
+
+
+def test_conv_weights_switch_to_u8s8_at_load_with_the_same_integers(resnet18):
+    """The artifact stores u8 x u8 (exact on every CPU); opened where u8 x s8 is exact, every Conv's codes are
+    re-stored as int8 (code - 128, zero point 0): the same dequantized weights, ORT's fast kernel."""
+    from qgraph.backends.host_int8 import restore_as_u8s8
+    from qgraph.backends.onnx_qdq import int8_gemms
+
+    compiled = qgraph.compile(resnet18, "w8a8-cnn", calib=_feeds(8, 1), progress=False)
+    assert int8_gemms(compiled.model) == {"u8u8": 21}  # 20 Conv + the classifier, as stored
+    opened = compiled.model.clone()
+    assert restore_as_u8s8(opened) == 21 and int8_gemms(opened) == {"u8s8": 21}
+
+    def integers(model) -> dict:
+        """Each weight DequantizeLinear's code - zero point, broadcast along its axis: what the kernel multiplies."""
+        out = {}
+        for n in model.graph:
+            if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None:
+                codes, zero = n.inputs[0].const_value.numpy(), n.inputs[2].const_value.numpy()
+                shape = [1] * codes.ndim
+                shape[n.attributes.get_int("axis", 1)] = -1
+                out[n.name] = codes.astype(np.int16) - zero.astype(np.int16).reshape(shape)
+        return out
+
+    before, after = integers(compiled.model), integers(opened)
+    assert len(before) == 21 and before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
