@@ -199,7 +199,9 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                 continue
             self._lower_weight_qdq(graph, conv, note.weight, CONV_WEIGHT_STORAGE, conv_weight(conv))
             if note.activation is not None:
+                x = conv.node.inputs[0]
                 self._lower_activation_qdq(graph, conv, note, activation_dq)
+                _read_dequantized(x, conv.node.inputs[0])
                 if note.output:
                     self._quantize_output(graph, conv, note, activation_dq)
             self.lowered[conv.name] = f"QDQ -> QLinearConv ({conv.kind}, u8 x u8)" \
@@ -371,6 +373,21 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         old_out.replace_all_uses_with(out.outputs[0], replace_graph_outputs=True)
         graph.remove(layer.node, safe=True)
         out.outputs[0].name = old_name
+
+
+def _read_dequantized(x: ir.Value, dq: ir.Value) -> None:
+    """Every reader of a convolution's input reads its Q -> DQ copy, as ORT's quantize_static quantizes tensors.
+
+    A residual Add then sees two DequantizeLinear inputs and, with the next layer's QuantizeLinear after
+    it, runs as QLinearAdd; MaxPool runs on the codes. (Linear layers of LLMs keep the float residual
+    stream: only their own input edge is rounded.)
+    """
+    if x is dq or x.is_graph_output():
+        return
+    q = dq.producer().inputs[0].producer() if dq.producer() is not None else None
+    for user, index in list(x.uses()):
+        if user is not q and user.op_type not in ("QuantizeLinear", "Shape"):
+            user.replace_input_with(index, dq)
 
 
 def _activation_qdq_pair(graph: ir.Graph, x: ir.Value, spec: QuantSpec, rng: tuple[float, float]):
