@@ -17,8 +17,8 @@ from qgraph.recipes import load_recipe
 
 def test_every_pass_declares_documented_options_whose_defaults_validate():
     passes = registry.registered()
-    assert list(passes) == ["awq", "clip_search", "disassemble", "exp_bias", "flat", "fold_norm_affine", "gptq", "kv_quant",
-                            "qsm", "reorder", "rotate", "shift", "smooth"]
+    assert list(passes) == ["awq", "clip_search", "disassemble", "equalize_convs", "exp_bias", "flat", "fold_norm_affine",
+                            "gptq", "kv_quant", "qsm", "reorder", "rotate", "shift", "smooth"]
     for name, entry in passes.items():
         assert entry.help and dataclasses.is_dataclass(entry.options), name
         assert entry.options.__dataclass_params__.frozen, name
