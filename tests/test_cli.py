@@ -142,7 +142,7 @@ def test_recipes_lists_the_shipped_ones():
     assert [x["name"] for x in listed] == available()
     assert next(x for x in listed if x["name"] == "w4a16-awq")["passes"] == ["awq", "clip_search", "gptq"]
     r = CliRunner().invoke(app, ["recipes"])
-    assert r.exit_code == 0 and "shipped recipes (21" in r.output and "w8a8-smooth" in r.output
+    assert r.exit_code == 0 and "shipped recipes (22" in r.output and "w8a8-smooth" in r.output
 
 
 def test_recipes_name_shows_passes_options_and_formats(tmp_path):

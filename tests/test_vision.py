@@ -233,16 +233,28 @@ def test_cli_tensor_input_errors_are_one_line(small_cnn_onnx, tmp_path):
     assert_user_error(run_cli(*compile_), "reads tensors", "--calib-data")
     np.savez(tmp_path / "names.npz", pixels=_images(2, 0))
     assert_user_error(run_cli(*compile_, "--calib-data", tmp_path / "names.npz"), "'pixels' is not an input")
-    np.savez(tmp_path / "dtype.npz", pixel_values=_images(2, 0).astype(np.float64))
-    assert_user_error(run_cli(*compile_, "--calib-data", tmp_path / "dtype.npz"), "float64", "takes float32")
-    np.savez(tmp_path / "shape.npz", pixel_values=_images(2, 0)[:, :, :16])
-    assert_user_error(run_cli(*compile_, "--calib-data", tmp_path / "shape.npz"), "[2, 3, 16, 32]", "takes ['?', 3, 32, 32]")
-    (tmp_path / "imgs").mkdir()
-    (tmp_path / "imgs" / "a.png").write_bytes(b"\x89PNG broken")
-    assert_user_error(run_cli(*compile_, "--calib-data", tmp_path / "imgs"), "does not decode")
-    assert_user_error(run_cli(*compile_, "--calib-data", tmp_path / "missing.npz"), "does not exist")
     assert_user_error(run_cli("eval", d / "cnn.onnx", "--reference", d / "cnn.onnx"), "--data")
     assert not (tmp_path / "out").exists()
+
+
+def test_tensor_data_errors_name_the_input_and_the_fix(tmp_path):
+    """The messages the CLI prints in one line (checked in-process: each CLI start costs seconds)."""
+    inputs = [ir.Value(name="pixel_values", shape=ir.Shape(["batch", 3, 32, 32]), type=ir.TensorType(ir.DataType.FLOAT))]
+    np.savez(tmp_path / "dtype.npz", pixel_values=_images(2, 0).astype(np.float64))
+    with pytest.raises(QGraphError, match=r"is float64 in sample 0, the model takes float32.*astype"):
+        load_tensor_data(tmp_path / "dtype.npz", inputs)
+    np.savez(tmp_path / "shape.npz", pixel_values=_images(2, 0)[:, :, :16])
+    with pytest.raises(QGraphError, match=r"shape \[2, 3, 16, 32\] in sample 0, the model takes \['\?', 3, 32, 32\]"):
+        load_tensor_data(tmp_path / "shape.npz", inputs)
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(QGraphError, match="does not decode"):
+        load_tensor_data(tmp_path / "imgs", inputs)
+    with pytest.raises(QGraphError, match="does not exist"):
+        load_tensor_data(tmp_path / "missing.npz", inputs)
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(QGraphError, match="not a readable .npz"):
+        load_tensor_data(tmp_path / "bad.npz", inputs)
 
 
 def test_api_calibration_feeds_are_checked_against_every_input():

@@ -203,7 +203,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="re-quantize every row")
     ap.add_argument("--recipes", default=",".join(QGRAPH_RECIPES), help="comma-separated qgraph recipes to include")
     ap.add_argument("--generation", action="store_true", help="the generation board (KV cache, tokens/s) instead")
-    ap.add_argument("--latency-only", action="store_true",
+    ap.add_argument("--latency-only", action="store_true",  # --generation: perplexities from the last generation.json
                     help="time the rows only (no ORT quantizer rows, no perplexity): re-checks latency on an idle machine")
     ap.add_argument("--gen-recipes", default="fp32,w8a8-qsm,w4a16-awq,w4a16-q41,w4a8-rot", help="qgraph rows of --generation")
     ap.add_argument("--steps", type=int, default=32, help="--generation: decode steps timed per round")
@@ -220,7 +220,8 @@ def main() -> None:
         tokenizer = load_tokenizer(*default_model_location())
         print(generation_board(out, [r for r in args.gen_recipes.split(",") if r], runs=args.runs, steps=args.steps,
                                windows=evaluation_windows(tokenizer, windows=args.windows), threads=args.threads,
-                               qgraph_cli=qgraph_cli, built_seconds=built_seconds, model_bytes=model_bytes))
+                               qgraph_cli=qgraph_cli, built_seconds=built_seconds, model_bytes=model_bytes,
+                               reuse_ppl=args.latency_only))
         return
     if args.fresh and out.exists():
         shutil.rmtree(out)

@@ -195,8 +195,12 @@ def builder_perplexity(folder: Path, windows, threads: int) -> float:
 
 
 def generation_board(out: Path, recipes: list[str], *, runs: int, steps: int, windows, threads: int,
-                     qgraph_cli, built_seconds, model_bytes) -> str:
-    """Build every row, measure perplexity, time them round-robin; the markdown table."""
+                     qgraph_cli, built_seconds, model_bytes, reuse_ppl: bool = False) -> str:
+    """Build every row, measure perplexity, time them round-robin; the markdown table.
+
+    reuse_ppl: take each row's perplexity from the previous run's generation.json (same artifacts, same
+    windows) and only re-time: a latency re-check on a quieter machine.
+    """
     from qgraph.eval.host import describe_host
     from qgraph.eval.perplexity import perplexity
     from qgraph.ir.capture import default_model_location
@@ -234,7 +238,13 @@ def generation_board(out: Path, recipes: list[str], *, runs: int, steps: int, wi
                             ("Q4_0", requantize(q41, q41.with_name("SmolLM2-135M.Q4_0.gguf"), "Q4_0"))):
             rows[f"llama.cpp {ftype}"] = {"file": path, "make": lambda p=path: LlamaCppRow(p, threads)}
 
+    previous = {}
+    if reuse_ppl and (out / "generation.json").exists():
+        previous = json.loads((out / "generation.json").read_text())["rows"]
     for name, row in rows.items():
+        if name in previous:
+            row["ppl"], row["size_mb"] = previous[name]["ppl"], previous[name]["size_mb"]
+            continue
         print(f"[generation] perplexity {name}", file=sys.stderr, flush=True)
         if "file" in row:
             row["ppl"], row["size_mb"] = llama_cpp_perplexity(row["file"], windows, threads), row["file"].stat().st_size / 1e6
