@@ -21,8 +21,8 @@ from qgraph.calib.data import (
 )
 from qgraph.calib.tensors import TensorFeeds, as_tensor_feeds
 from qgraph.errors import QGraphError
-from qgraph.eval.verify import reads_tokens
 from qgraph.ir.capture import CapturedModel
+from qgraph.ir.feeds import reads_tokens
 from qgraph.recipes import Recipe, load_recipe
 
 __all__ = ["CalibConfig", "CompiledModel", "Runner", "bench", "compile", "evaluate", "load", "open_runner"]
@@ -211,7 +211,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     if model.model is None:
         raise QGraphError("this CapturedModel was loaded without export", "use qgraph.load(...) to capture it")
     check_compilable(model.model, runs_graph=recipe.needs_calibration or verify)
-    tokens = reads_tokens(model.model)
+    tokens = reads_tokens(model.model.graph.inputs)
     if calib is not None and not isinstance(calib, (CalibConfig, TokenWindows)):
         calib = as_tensor_feeds(calib, list(model.model.graph.inputs))
     elif recipe.needs_calibration and not tokens and not isinstance(calib, TokenWindows):
@@ -498,12 +498,11 @@ def bench(target: Any, *, threads: int = 2, runs: int = 10, prefill_tokens: int 
     int8_kernel as open_runner."""
     from qgraph.eval.bench import bench as _bench
     from qgraph.eval.bench import bench_generation, bench_tensors
-    from qgraph.eval.verify import reads_tokens_of
     from qgraph.generate import Decoder
     from qgraph.ir.feeds import has_cache
 
     runner = target if isinstance(target, Runner) else open_runner(target, threads=threads, int8_kernel=int8_kernel)
-    if runner.session is not None and not reads_tokens_of(runner.session.get_inputs()):
+    if runner.session is not None and not reads_tokens(runner.session.get_inputs()):
         return {**bench_tensors(runner.session, batch=batch, runs=runs), "threads": threads,
                 "int8_kernel": runner.int8_kernel, "model": runner.name}
     if runner.session is not None and has_cache(runner.session.get_inputs()):

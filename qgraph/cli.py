@@ -71,8 +71,7 @@ def compile_cmd(
 ) -> None:
     """Capture MODEL, apply RECIPE and write an ONNX Runtime (or TVM) artifact directory."""
     import qgraph
-    from qgraph.calib.tensors import load_tensor_data
-    from qgraph.eval.verify import reads_tokens
+    from qgraph.ir.feeds import reads_tokens
 
     progress = not quiet
     from qgraph.artifact import check_output_dir
@@ -118,13 +117,9 @@ def compile_cmd(
     if calib_data is not None:
         if calib_text is not None:
             raise QGraphError("--calib-data and --calib-text both given", "calibrate from one: tensors or text")
-        captured = captured.exported(progress=progress)
-        calib = load_tensor_data(calib_data, list(captured.model.graph.inputs))
-    elif captured.model is not None and not reads_tokens(captured.model) and recipe_obj.needs_calibration:
-        first = captured.model.graph.inputs[0]
-        raise QGraphError(f"recipe {recipe_obj.name} calibrates activations, and this model reads tensors "
-                          f"({first.name!r}: {first.dtype}), not text", "give --calib-data DIR_OR_NPZ")
-    elif recipe_obj.needs_calibration:  # a bad --calib-text fails now, not after a long export
+        calib = calib_data  # read and checked against the graph's inputs by compile, before any pass runs
+    elif recipe_obj.needs_calibration and (captured.model is None or reads_tokens(captured.model.graph.inputs)):
+        # a bad --calib-text fails now, not after a long export; a tensor model without data is refused by compile
         calib = qgraph.api.calibration_windows_for(captured, calib)
     captured = captured.exported(progress=progress)
     capture_s = time.perf_counter() - t0

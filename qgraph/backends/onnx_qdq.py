@@ -22,7 +22,7 @@ from qgraph.errors import QGraphError
 from qgraph.ir.convs import conv_weight, find_convs
 from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotation_of, range_of
 from qgraph.ir.regions import find_linears, weight_array
-from qgraph.ir.rewrite import add_initializer
+from qgraph.ir.rewrite import add_initializer, shared_initializer, values_by_name
 from qgraph.quantize import qparams_from_range, quantize_tensor
 
 MS_DOMAIN = "com.microsoft"
@@ -193,8 +193,9 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
             if note.activation is not None and note.activation.static:
                 self._lower_activation_qdq(graph, layer, note, activation_dq)
             self.lowered[layer.name] = kernel_for(note, self.int8_kernel.name, layer.node.op_type)
-        for conv in find_convs(model):
-            note = annotation_of(conv.node)
+        convs = [(conv, annotation_of(conv.node)) for conv in find_convs(model)]
+        outputs = values_by_name(graph) if any(note is not None and note.output for _, note in convs) else {}
+        for conv, note in convs:
             if note is None:
                 continue
             self._lower_weight_qdq(graph, conv, note.weight, CONV_WEIGHT_STORAGE, conv_weight(conv))
@@ -203,7 +204,7 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
                 self._lower_activation_qdq(graph, conv, note, activation_dq)
                 _read_dequantized(x, conv.node.inputs[0])
                 if note.output:
-                    self._quantize_output(graph, conv, note, activation_dq)
+                    self._quantize_output(graph, conv, note, outputs.get(note.output), activation_dq)
             self.lowered[conv.name] = f"QDQ -> QLinearConv ({conv.kind}, u8 x u8)" \
                 if note.activation is not None else f"DQ weights + float {conv.kind}"
         ir.passes.common.RemoveUnusedNodesPass()(model)
@@ -296,9 +297,9 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
             shared[x.name] = dq.outputs[0]
         layer.node.replace_input_with(0, shared[x.name])
 
-    def _quantize_output(self, graph: ir.Graph, conv, note: LayerAnnotation, shared: dict) -> None:
+    def _quantize_output(self, graph: ir.Graph, conv, note: LayerAnnotation, value: ir.Value | None,
+                         shared: dict) -> None:
         """Q -> DQ on a convolution's output (or its Relu / Clip's), so ORT fuses the Conv into QLinearConv."""
-        value = next((o for n in graph for o in n.outputs if o.name == note.output), None)
         if value is None or value.name in shared:
             return
         rng = range_of(value)
@@ -334,9 +335,8 @@ class LowerToOnnxPass(ir.passes.InPlacePass):
         if spec.float_zero_point and k % block == 0:
             # Float zero points send ORT 1.32's CPU MatMulNBits to a slow path (SmolLM2: 15 tokens/s
             # against 100). s (q - z) = s (q - 8) + s (8 - z): the fast kernel with its implied zero
-            # point 8, plus each block's constant s (8 - z) times the block's sum of x, which is two
-            # small MatMuls: x @ E (E [K, blocks] the block indicator, shared by every layer of width K)
-            # then @ C [blocks, N]. Exact up to float rounding.
+            # point 8, plus each block's constant s (8 - z) times the block's sum of x: the block sums
+            # (made once per input, _block_sum_nodes) then @ C [blocks, N]. Exact up to float rounding.
             blocks = k // block
             shift = scales.reshape(n, blocks) * (8.0 - zps.reshape(n, blocks))
             sums = []
@@ -407,11 +407,6 @@ def _activation_qdq_pair(graph: ir.Graph, x: ir.Value, spec: QuantSpec, rng: tup
     return qn, dq
 
 
-def _shared_constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """The initializer `name`, added once and read by every node that needs the same constant."""
-    return graph.initializers[name] if name in graph.initializers else add_initializer(graph, name, array)
-
-
 def _block_sum_nodes(graph: ir.Graph, x: ir.Value, k: int, block: int, name: str) -> list[ir.Node]:
     """Nodes summing x's last axis over blocks of `block`: [..., K] -> [..., K / block].
 
@@ -420,9 +415,9 @@ def _block_sum_nodes(graph: ir.Graph, x: ir.Value, k: int, block: int, name: str
     """
     rank = len(x.shape) if x.shape is not None else None
     if rank:
-        shape = _shared_constant(graph, f"qgraph.block_shape_{rank}d_{block}",
+        shape = shared_initializer(graph, f"qgraph.block_shape_{rank}d_{block}",
                                  np.array([0] * (rank - 1) + [-1, block], np.int64))
-        axis = _shared_constant(graph, "qgraph.last_axis", np.array([-1], np.int64))
+        axis = shared_initializer(graph, "qgraph.last_axis", np.array([-1], np.int64))
         grouped = ir.node("Reshape", [x, shape], name=f"{name}.blocks")
         sums = ir.node("ReduceSum", [grouped.outputs[0], axis], attributes={"keepdims": 0}, name=f"{name}.block_sums")
         # Shapes kept, so later rewrites (the runtime graph's skip norms) see the block-sum term's shape.
@@ -430,7 +425,7 @@ def _block_sum_nodes(graph: ir.Graph, x: ir.Value, k: int, block: int, name: str
         sums.outputs[0].shape = ir.Shape([*x.shape[:-1], k // block])
         grouped.outputs[0].type = sums.outputs[0].type = x.type
         return [grouped, sums]
-    indicator = _shared_constant(graph, f"qgraph.block_sum_{k}x{block}",
+    indicator = shared_initializer(graph, f"qgraph.block_sum_{k}x{block}",
                                  np.repeat(np.eye(k // block, dtype=np.float32), block, axis=0))
     return [ir.node("MatMul", [x, indicator], name=f"{name}.block_sums")]
 

@@ -36,6 +36,7 @@ import onnx_ir as ir
 from qgraph.ir.attention import LAYOUT_OPS, Attention, find_attention
 from qgraph.ir.feeds import CACHE_INPUT, CACHE_OUTPUT
 from qgraph.ir.regions import Rejection
+from qgraph.ir.rewrite import shared_initializer
 
 MS = "com.microsoft"
 SHARE_BUFFER_KEY = "qgraph.past_present_share_buffer"
@@ -306,7 +307,7 @@ def _packed_projection(graph: ir.Graph, block: _Block) -> ir.Value | None:
         # Scales and zero points may be flat (N-major): the rows of each node follow one another either way.
         arrays.append(np.concatenate(parts, axis=0))
     name = f"{block.name}.qkv_proj"
-    inputs = [first.inputs[0]] + [None if a is None else _initializer(graph, f"{name}.input{i + 1}", a)
+    inputs = [first.inputs[0]] + [None if a is None else shared_initializer(graph, f"{name}.input{i + 1}", a)
                                   for i, a in enumerate(arrays)]
     attrs = {a.name: a.value for a in first.attributes.values()}
     attrs["N"] = sum(n.attributes.get_int("N") for n in nodes)
@@ -314,7 +315,7 @@ def _packed_projection(graph: ir.Graph, block: _Block) -> ir.Value | None:
     graph.insert_before(first, packed)
     out = packed.outputs[0]
     if found[0][1] is not None:
-        shift = _initializer(graph, f"{name}.zero_point_shift", np.concatenate([f[2] for f in found], axis=1))
+        shift = shared_initializer(graph, f"{name}.zero_point_shift", np.concatenate([f[2] for f in found], axis=1))
         term = ir.node("MatMul", [found[0][1], shift], name=f"{name}.zero_point_shift")
         total = ir.node("Add", [out, term.outputs[0]], name=f"{name}.with_zero_points")
         graph.insert_after(packed, [term, total])
@@ -346,20 +347,11 @@ def _rotary_caches(graph: ir.Graph, cos: ir.Value, sin: ir.Value, positions: ir.
     return np.ascontiguousarray(c[:, :half], np.float32), np.ascontiguousarray(s[:, :half], np.float32)
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    if name in graph.initializers:
-        return graph.initializers[name]
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _sequence_lengths(graph: ir.Graph, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
     """seqlens_k = sum(attention_mask, 1) - 1 (int32 [B]) and total_sequence_length (int32 scalar), as GQA wants."""
-    one = _initializer(graph, "qgraph.gqa.one", np.array([1], np.int64))
+    one = shared_initializer(graph, "qgraph.gqa.one", np.array([1], np.int64))
     total_sum = ir.node("ReduceSum", [mask, one], attributes={"keepdims": 0}, name="qgraph.gqa.mask_sum")
-    minus = ir.node("Sub", [total_sum.outputs[0], _initializer(graph, "qgraph.gqa.one_scalar", np.array(1, np.int64))],
+    minus = ir.node("Sub", [total_sum.outputs[0], shared_initializer(graph, "qgraph.gqa.one_scalar", np.array(1, np.int64))],
                     name="qgraph.gqa.past_plus_seq_minus_one")
     seqlens = ir.node("Cast", [minus.outputs[0]], attributes={"to": ir.DataType.INT32}, name="qgraph.gqa.seqlens_k")
     shape = ir.node("Shape", [mask], attributes={"start": 1, "end": 2}, name="qgraph.gqa.mask_width")
@@ -412,8 +404,8 @@ def fuse_attention(model: ir.Model, *, context: int = 4096, sliding_window: int 
                 report.refused.append(Rejection(block.name, str(exc)))
                 continue
             i = len(caches)
-            caches[key] = (_initializer(graph, f"qgraph.gqa.cos_cache.{i}", c),
-                           _initializer(graph, f"qgraph.gqa.sin_cache.{i}", s))
+            caches[key] = (shared_initializer(graph, f"qgraph.gqa.cos_cache.{i}", c),
+                           shared_initializer(graph, f"qgraph.gqa.sin_cache.{i}", s))
         if seqlens is None:
             seqlens, total = _sequence_lengths(graph, names["attention_mask"])
         cos_cache, sin_cache = caches[key]

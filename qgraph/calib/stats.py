@@ -126,9 +126,9 @@ def collect_stats(
 def channel_axes(model: ir.Model, names: list[str]) -> dict[str, int]:
     """Each named value's channel axis, read off the graph: 1 where a convolution reads it (NCHW), else the last."""
     from qgraph.ir.convs import channel_axis
+    from qgraph.ir.rewrite import values_by_name
 
-    values = {v.name: v for v in model.graph.inputs}
-    values.update({o.name: o for node in model.graph for o in node.outputs})
+    values = values_by_name(model.graph)
     return {n: channel_axis(values[n]) if n in values else -1 for n in names}
 
 

@@ -10,13 +10,14 @@ before anything runs, so a wrong name, dtype or shape is a one-line error, not a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from qgraph.errors import QGraphError
+from qgraph.ir.feeds import input_dims, input_dtype
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 # torchvision's ImageNet preprocessing (resize to 256/224 of the crop, center crop, mean/std per channel),
@@ -25,22 +26,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_RATIO = 256 / 224
 DEFAULT_BATCH = 8  # samples per run where the graph's batch axis is dynamic
-
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
-               "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
-
-
-def _input_dtype(v) -> np.dtype:
-    t = getattr(v, "type", None)
-    if isinstance(t, str):  # an ORT NodeArg
-        return np.dtype(_ORT_DTYPES.get(t, np.float32))
-    return np.dtype(v.dtype.numpy()) if getattr(v, "dtype", None) is not None else np.dtype(np.float32)
-
-
-def _input_dims(v) -> list[int | None]:
-    return [d if isinstance(d, int) else None for d in (v.shape or [])]
-
 
 @dataclasses.dataclass
 class TensorFeeds:
@@ -89,11 +74,11 @@ def check_feeds(batches: list[dict[str, np.ndarray]], inputs: list, source: str)
             raise QGraphError(f"data {source}: no data for input {missing[0]!r} (the model takes {sorted(wanted)})",
                               f"add an array named {missing[0]!r}")
         for name, array in feed.items():
-            v, dtype = wanted[name], _input_dtype(wanted[name])
+            v, dtype = wanted[name], input_dtype(wanted[name])
             if array.dtype != dtype:
                 raise QGraphError(f"data {source}: input {name!r} is {array.dtype} in sample {i}, the model takes {dtype}",
                                   f"convert it (array.astype(np.{dtype.name}))")
-            dims = _input_dims(v)
+            dims = input_dims(v)
             if dims and (len(dims) != array.ndim or
                          any(d is not None and d != s for d, s in zip(dims, array.shape, strict=True))):
                 shown = ["?" if d is None else d for d in dims]
@@ -101,9 +86,21 @@ def check_feeds(batches: list[dict[str, np.ndarray]], inputs: list, source: str)
                                   f"the model takes {shown}", "reshape or resize the data to the model's input")
 
 
+def random_feeds(inputs: list, dynamic: Callable[[Any, int], int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One feed of each input's dtype and shape: standard normal floats, zero integers; `dynamic(input, axis)`
+    sizes each axis the graph leaves open."""
+    feeds = {}
+    for v in inputs:
+        shape = [d if d is not None else dynamic(v, i) for i, d in enumerate(input_dims(v))]
+        dtype = input_dtype(v)
+        feeds[v.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                         else np.zeros(shape, dtype=dtype))
+    return feeds
+
+
 def batch_size_of(inputs: list) -> int | None:
     """The graph's fixed batch size (axis 0 of its first input), or None when the axis is dynamic."""
-    dims = _input_dims(inputs[0]) if inputs else []
+    dims = input_dims(inputs[0]) if inputs else []
     return dims[0] if dims else None
 
 
@@ -120,7 +117,7 @@ def _image_size(inputs: list) -> tuple[int, int, int]:
     if len(inputs) != 1:
         raise QGraphError(f"an image folder feeds one input, this model takes {[v.name for v in inputs]}",
                           "give an .npz keyed by input name instead")
-    dims = _input_dims(inputs[0])
+    dims = input_dims(inputs[0])
     if len(dims) != 4 or any(d is None for d in dims[1:]):
         raise QGraphError(f"input {inputs[0].name!r} has shape {inputs[0].shape}: an image folder needs a fixed "
                           "[batch, channels, height, width] input", "give an .npz of preprocessed arrays instead")

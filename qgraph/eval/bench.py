@@ -113,21 +113,15 @@ def bench_generation(decoder, *, prompts: tuple[int, ...] = (128, 512), contexts
 
 def tensor_feeds_for_bench(inputs: list, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random feeds of each input's dtype and shape, the batch axis (a dynamic axis 0) set to `batch`."""
-    from qgraph.calib.tensors import _input_dims, _input_dtype
+    from qgraph.calib.tensors import random_feeds
     from qgraph.errors import QGraphError
+    from qgraph.ir.feeds import input_dims
 
-    rng = np.random.default_rng(seed)
-    feeds = {}
     for v in inputs:
-        dims = _input_dims(v)
-        if any(d is None for d in dims[1:]):
+        if any(d is None for d in input_dims(v)[1:]):
             raise QGraphError(f"input {v.name!r} has dynamic axes beyond the batch ({v.shape}): no shape to time",
                               "export the model with fixed sizes except the batch")
-        shape = [batch if (i == 0 and d is None) else d for i, d in enumerate(dims)]
-        dtype = _input_dtype(v)
-        feeds[v.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                         else np.zeros(shape, dtype=dtype))
-    return feeds
+    return random_feeds(inputs, lambda v, axis: batch, np.random.default_rng(seed))
 
 
 def bench_tensors(session, *, batch: int = 1, runs: int = 10) -> dict:

@@ -91,30 +91,15 @@ def tensor_verification_inputs(inputs: list, data=None, *, random_rows: int = 2,
     Float inputs get standard normal values, integer ones zeros; a dynamic axis takes the data's size
     (1 without data).
     """
+    from qgraph.calib.tensors import random_feeds
+
     rng = np.random.default_rng(seed)
     first = data.batches[0] if data is not None and data.batches else {}
-    feeds = []
-    for _ in range(random_rows):
-        feed = {}
-        for v in inputs:
-            dtype = v.dtype.numpy() if v.dtype is not None else np.float32
-            dims = [d if isinstance(d, int) else None for d in (v.shape or [])]
-            shape = [d if d is not None else (first[v.name].shape[i] if v.name in first else 1) for i, d in enumerate(dims)]
-            feed[v.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                            else np.zeros(shape, dtype=dtype))
-        feeds.append(feed)
-    return feeds + ([first] if first else [])
 
+    def size(v, axis: int) -> int:
+        return first[v.name].shape[axis] if v.name in first else 1
 
-def reads_tokens(model: ir.Model) -> bool:
-    """True when the graph's first input is integer ids (a language model); False for image/tensor models."""
-    v = model.graph.inputs[0]
-    return v.dtype is not None and v.dtype.is_integer()
-
-
-def reads_tokens_of(inputs: list) -> bool:
-    """reads_tokens for an ORT session's inputs (NodeArgs: type strings)."""
-    return bool(inputs) and inputs[0].type in ("tensor(int64)", "tensor(int32)")
+    return [random_feeds(inputs, size, rng) for _ in range(random_rows)] + ([first] if first else [])
 
 
 def check_pass(

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.errors import QGraphError
-from qgraph.ir.feeds import fed_from_ids
+from qgraph.ir.feeds import fed_from_ids, reads_tokens
 
 # The default ONNX domain (two spellings), ONNX-ML and ONNX Runtime's contrib ops (MatMulNBits, ...).
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -63,9 +63,7 @@ def check_compilable(model: ir.Model, *, runs_graph: bool) -> None:
     for value, what in _weights(model):
         _check_finite(value, what)
     missing = extra_inputs(model)
-    first = model.graph.inputs[0] if model.graph.inputs else None
-    reads_tokens = first is not None and first.dtype is not None and first.dtype.is_integer()
-    if runs_graph and missing and reads_tokens:  # tensor models get a feed per input (qgraph.calib.tensors)
+    if runs_graph and missing and reads_tokens(model.graph.inputs):  # tensor models: a feed per input (calib.tensors)
         several = len(missing) > 1
         raise QGraphError(
             f"graph input{'s' if several else ''} {', '.join(map(repr, missing))} {'have' if several else 'has'} no "

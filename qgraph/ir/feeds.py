@@ -36,28 +36,40 @@ def has_cache(inputs: Iterable[Any]) -> bool:
     return any(is_cache_input(v.name) for v in inputs)
 
 
-def _dims(shape) -> list[int | None]:
-    return [d if isinstance(d, int) else None for d in (shape or [])]
+def input_dims(v) -> list[int | None]:
+    """An input's axes (onnx_ir value or ORT NodeArg): its size where fixed, None where dynamic."""
+    return [d if isinstance(d, int) else None for d in (v.shape or [])]
 
 
-_ORT_TYPES = {"tensor(float16)": np.float16, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+              "tensor(int8)": np.int8, "tensor(bool)": np.bool_}
 
 
-def _float_dtype(v) -> type:
-    """The cache tensor's element type: float32, float16, or a quantized cache's uint8 / int8 codes."""
-    t = getattr(v, "type", None)  # ORT NodeArg: 'tensor(float16)'
+def input_dtype(v) -> np.dtype:
+    """An input's element type (onnx_ir value or ORT NodeArg, whose type reads 'tensor(float16)'); float32 if unknown."""
+    t = getattr(v, "type", None)
     if isinstance(t, str):
-        return _ORT_TYPES.get(t, np.float32)
+        return np.dtype(_ORT_TYPES.get(t, np.float32))
     dtype = getattr(v, "dtype", None)  # onnx_ir value
-    return dtype.numpy() if dtype is not None else np.float32
+    return np.dtype(dtype.numpy()) if dtype is not None else np.dtype(np.float32)
+
+
+def reads_tokens(inputs: Iterable[Any]) -> bool:
+    """True when a graph's (or session's) first input takes token ids (int64 / int32): a language model.
+
+    False for models that read tensors (images, features), which are fed by name (qgraph.calib.tensors).
+    """
+    first = next(iter(inputs), None)
+    return first is not None and input_dtype(first) in (np.dtype(np.int64), np.dtype(np.int32))
 
 
 def empty_past(v, batch: int) -> np.ndarray:
     """A zero-length cache tensor [batch, kv_heads, 0, head_dim] for the input `v`."""
-    dims = _dims(v.shape)
+    dims = input_dims(v)
     if len(dims) != 4 or dims[1] is None or dims[3] is None:
         raise ValueError(f"cache input {v.name!r} has shape {list(v.shape or [])}: expected [batch, kv_heads, past, head_dim]")
-    return np.zeros((batch, dims[1], 0, dims[3]), dtype=_float_dtype(v))
+    return np.zeros((batch, dims[1], 0, dims[3]), dtype=input_dtype(v))
 
 
 def token_feeds(inputs: Iterable[Any], ids: np.ndarray | dict[str, np.ndarray], *, past: int = 0,

@@ -21,6 +21,18 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def shared_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """The initializer `name`, added once: every node needing this constant reads the same one."""
+    return graph.initializers[name] if name in graph.initializers else add_initializer(graph, name, array)
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    """Every value the graph's inputs and nodes produce, by name (one walk, for many lookups)."""
+    values = {v.name: v for v in graph.inputs}
+    values.update({o.name: o for node in graph for o in node.outputs})
+    return values
+
+
 def set_constant_input(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, *, suffix: str = "rewritten") -> ir.Value:
     """Make input `index` of `node` the constant `array`; copy-on-write when others read the old value."""
     old = node.inputs[index]

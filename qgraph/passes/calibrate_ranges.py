@@ -7,6 +7,7 @@ import onnx_ir as ir
 from qgraph.calib.data import TokenWindows
 from qgraph.calib.stats import ChannelStats, collect_stats
 from qgraph.ir.qspec import annotation_of, range_of, set_range
+from qgraph.ir.rewrite import values_by_name
 
 
 class CalibrateRangesPass(ir.passes.InPlacePass):
@@ -23,7 +24,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         values = {}
-        produced = {o.name: o for node in model.graph for o in node.outputs}
+        produced = values_by_name(model.graph)
         for node in model.graph:
             note = annotation_of(node)
             if note is not None and note.activation is not None and note.activation.static:

@@ -105,7 +105,8 @@ class EqualizeConvsPass(ir.passes.InPlacePass):
         """Mean over pairs of log10(max / min) of Conv1's output-channel weight ranges (what equalization narrows)."""
         spreads = []
         for a, _ in pairs:
-            r = np.abs(conv_weight(a)).reshape(conv_weight(a).shape[0], -1).max(axis=1)
+            w = conv_weight(a)
+            r = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
             spreads.append(np.log10(r.max() / max(r.min(), 1e-30)))
         return float(np.mean(spreads))
 

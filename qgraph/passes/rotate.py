@@ -33,7 +33,7 @@ from qgraph.ir.regions import (
     linear_bias,
     weight_array,
 )
-from qgraph.ir.rewrite import add_initializer, set_constant_input, set_linear_weight
+from qgraph.ir.rewrite import add_initializer, set_constant_input, set_linear_weight, shared_initializer
 from qgraph.options import option
 from qgraph.passes.registry import PassContext, register
 
@@ -153,10 +153,7 @@ def _scalar_constant(value: ir.Value | None) -> bool:
 # --------------------------------------------------------------------------------------------
 
 def _const(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    key = f"{ONLINE_PREFIX}{base}"
-    if key in graph.initializers:  # one shared copy per size and factor
-        return graph.initializers[key]
-    return add_initializer(graph, key, array)
+    return shared_initializer(graph, f"{ONLINE_PREFIX}{base}", array)  # one shared copy per size and factor
 
 
 def rotate_value(graph: ir.Graph, x: ir.Value, size: int, name: str, before: ir.Node | None = None
