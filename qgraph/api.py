@@ -8,9 +8,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from qgraph.artifact import FORMAT_VERSION, MANIFEST, REPORT, dir_size, read_manifest, write_atomically, write_json
 from qgraph.calib.data import (
     DEFAULT_CALIB_WINDOWS,
     DEFAULT_CTX,
@@ -20,10 +17,12 @@ from qgraph.calib.data import (
     evaluation_windows,
 )
 from qgraph.calib.tensors import TensorFeeds, as_tensor_feeds
+from qgraph.compiled import CompiledModel
 from qgraph.errors import QGraphError
 from qgraph.ir.capture import CapturedModel
 from qgraph.ir.feeds import reads_tokens
 from qgraph.recipes import Recipe, load_recipe
+from qgraph.runner import Runner, open_runner
 
 __all__ = ["CalibConfig", "CompiledModel", "Runner", "bench", "compile", "evaluate", "load", "open_runner"]
 
@@ -51,127 +50,6 @@ class CalibConfig:
     windows: int = DEFAULT_CALIB_WINDOWS
     ctx: int = DEFAULT_CTX
     start: int | None = None
-
-
-@dataclasses.dataclass
-class CompiledModel:
-    """A lowered graph with its recipe, per-layer formats and the compile report."""
-
-    model: Any  # onnx_ir.Model
-    tokenizer: Any
-    source: dict
-    recipe: Recipe
-    layers: list[dict]
-    report: dict
-    # A KV-cache graph's runtime copy, same weights, written as model.ort.onnx: attention fused into
-    # GroupQueryAttention (qgraph.backends.ort_attention; what qgraph's runners and onnxruntime-genai load), or
-    # with kv_quant the cache stored as KIVI codes (qgraph.backends.kivi_cache; qgraph's decoder only).
-    runtime: Any = None
-
-    @property
-    def runtime_kind(self) -> str | None:
-        from qgraph.backends.kivi_cache import layouts_of
-
-        if self.runtime is None:
-            return None
-        return "kivi-cache" if layouts_of(self.runtime) is not None else "fused-attention"
-
-    def manifest(self) -> dict:
-        g = self.model.graph
-        return {
-            "format_version": FORMAT_VERSION,
-            "backend": "onnxruntime",
-            "model_file": "model.onnx",
-            **({"runtime_file": _runtime_file(), "runtime_kind": self.runtime_kind} if self.runtime is not None else {}),
-            "recipe": self.recipe.name,
-            "recipe_spec": self.recipe.to_dict(),
-            "source": self.source,
-            "task": self.source.get("task", "causal-lm"),
-            "ir_version": self.model.ir_version,
-            "opset": dict(self.model.opset_imports),
-            "inputs": [_describe_value(v) for v in g.inputs],
-            "outputs": [_describe_value(v) for v in g.outputs],
-            "tokenizer": {"add_special_tokens": False, "present": self.tokenizer is not None},
-            "quantized_layers": self.layers,
-            "created_by": f"qgraph {_version()}",
-        }
-
-    def save(self, out_dir: str | Path, *, progress: bool = True, report_files: bool = False, genai: bool = False) -> Path:
-        """Write the artifact directory atomically: model.onnx (+ .data), tokenizer, manifest, report.
-
-        report_files=True also writes report.md and sqnr.png (per-layer SQNR plot). genai=True (a
-        KV-cache graph) also writes genai_config.json: the directory is an onnxruntime-genai model folder.
-        """
-        from qgraph.backends.genai import check_genai_source, write_genai_config
-        from qgraph.backends.onnx_qdq import save_model
-        from qgraph.backends.ort_attention import RUNTIME_FILE, save_runtime_graph
-        from qgraph.ir.feeds import has_cache
-        from qgraph.progress import status
-
-        decoder = check_genai_source(self.source, has_cache(self.model.graph.inputs)) if genai else None
-        if genai and self.tokenizer is None:
-            raise QGraphError("--format genai needs the model's tokenizer (onnxruntime-genai reads tokenizer.json)",
-                              "compile from a Hugging Face directory or .gguf that has one")
-
-        def fill(tmp: Path) -> None:
-            t = time.perf_counter()
-            with status("saving artifact", enabled=progress):
-                files = save_model(self.model, tmp / "model.onnx")
-                if self.runtime is not None:
-                    files += save_runtime_graph(self.runtime, tmp / RUNTIME_FILE, tmp / "model.onnx")
-                if self.tokenizer is not None:
-                    self.tokenizer.save_pretrained(str(tmp))
-            if decoder is not None:  # onnxruntime-genai feeds a float cache: a KIVI runtime graph is qgraph's own
-                fused = self.runtime_kind == "fused-attention"
-                write_genai_config(tmp, decoder, RUNTIME_FILE if fused else "model.onnx", share_buffer=fused)
-            write_json(tmp / MANIFEST, self.manifest())
-            report = dict(self.report)
-            report["timings_s"] = dict(report.get("timings_s", {}), save=round(time.perf_counter() - t, 3))
-            report["sizes_bytes"] = {
-                "model_files": sum(f.stat().st_size for f in files),
-                "artifact_dir": dir_size(tmp),
-            }
-            write_json(tmp / REPORT, report)
-            if report_files:
-                from qgraph.eval.sqnr import plot_sqnr, write_report_md
-
-                sqnr = report.get("layer_sqnr_db") or {}
-                plot = None
-                if sqnr:
-                    plot = "sqnr.png"
-                    plot_sqnr(tmp / plot, sqnr, f"{self.recipe.name}: per-layer SQNR")
-                write_report_md(tmp / "report.md", report, sqnr, plot)
-
-        return write_atomically(out_dir, fill)
-
-    def runner(self, threads: int = 2, runtime: bool | str = True) -> Runner:
-        """A runner on the runtime graph (runtime=True), model.onnx (False), or the runtime graph only when it
-        is the fused-attention one ("fused": a one-pass perplexity must not read KIVI's unrounded prompt pass)."""
-        from qgraph.backends.onnx_qdq import session_from_model
-
-        use_runtime = runtime is True or (runtime == "fused" and self.runtime_kind == "fused-attention")
-        graph = self.runtime if self.runtime is not None and use_runtime else self.model
-        return Runner.from_session(session_from_model(graph, threads=threads), self.tokenizer, self.recipe.name)
-
-
-def _runtime_file() -> str:
-    from qgraph.backends.ort_attention import RUNTIME_FILE
-
-    return RUNTIME_FILE
-
-
-def _describe_value(v) -> dict:
-    dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
-    return {"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None, "shape": dims}
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("qgraph")
-    except PackageNotFoundError:
-        return "dev"
 
 
 def compile(  # noqa: A001 - mirrors `qgraph compile`
@@ -340,114 +218,6 @@ def calibration_windows_for(model: CapturedModel, calib: CalibConfig) -> TokenWi
     """The calibration token windows a CalibConfig describes, tokenized with the model's tokenizer."""
     return calibration_windows(model.tokenizer, calib.text, windows=calib.windows, ctx=calib.ctx, start=calib.start,
                                encoder=model.source.get("task") == "encoder")
-
-
-@dataclasses.dataclass
-class Runner:
-    """Something that maps token ids [1, T] to logits [1, T, V]: an ORT session or a torch module."""
-
-    forward: Any
-    tokenizer: Any
-    name: str
-    kind: str
-    vocab: int = 1000
-    session: Any = None  # the ONNX Runtime session behind forward, when there is one (generate steps it)
-    int8_kernel: str = "as stored"  # what its fused int8 GEMMs run (qgraph.backends.host_int8)
-
-    @classmethod
-    def from_session(cls, session, tokenizer, name: str, int8_kernel: str = "as stored") -> Runner:
-        from qgraph.ir.feeds import token_feeds
-
-        inputs, logits = session.get_inputs(), session.get_outputs()[0].name
-        vocab = session.get_outputs()[0].shape[-1]
-
-        def forward(ids: np.ndarray) -> np.ndarray:
-            return session.run([logits], token_feeds(inputs, ids))[0]
-
-        return cls(forward, tokenizer, name, "onnxruntime", vocab if isinstance(vocab, int) else 1000, session, int8_kernel)
-
-    @classmethod
-    def from_torch(cls, module, tokenizer, name: str) -> Runner:
-        import torch
-
-        def forward(ids: np.ndarray) -> np.ndarray:
-            with torch.no_grad():
-                return module(torch.from_numpy(ids)).float().numpy()
-
-        vocab = getattr(getattr(getattr(module, "net", module), "config", None), "vocab_size", 1000)
-        return cls(forward, tokenizer, name, "torch", vocab)
-
-
-def open_runner(target: Any = None, *, threads: int = 2, progress: bool = True, runtime: bool | str = True,
-                int8_kernel: str | None = None) -> Runner:
-    """A runner for an artifact dir, an .onnx file, a HF dir / .gguf (torch), or a compiled model.
-
-    runtime=False opens an artifact's model.onnx even where it has a model.ort.onnx beside it; runtime="fused"
-    opens model.ort.onnx only when it is the fused-attention graph (not KIVI's stored cache, whose prompt pass
-    leaves the cache unrounded).
-    int8_kernel: "host" (default, or $QGRAPH_INT8_KERNEL) runs u8u8-stored int8 weights on ORT's u8 x s8
-    kernel where a probe finds it exact on this CPU; "stored" runs them as compiled (qgraph.backends.host_int8).
-    """
-    from qgraph.backends import host_int8
-
-    host_int8.choice(int8_kernel)  # a mistyped choice is reported before any loading
-    if isinstance(target, CompiledModel):
-        return target.runner(threads, runtime)
-    if isinstance(target, CapturedModel):
-        if target.torch_module is not None:
-            return Runner.from_torch(target.torch_module, target.tokenizer, "torch")
-        from qgraph.backends.onnx_qdq import session_from_model
-
-        return Runner.from_session(session_from_model(target.model, threads), target.tokenizer, "onnx")
-    if target is not None:
-        path = Path(target)
-        if path.is_dir() and (path / MANIFEST).exists():
-            manifest = read_manifest(path)
-            if manifest.get("backend") == "tvm":
-                from qgraph.backends.tvm.artifact import open_runner as open_tvm_runner
-
-                return open_tvm_runner(path, manifest, threads)
-            if manifest.get("backend") != "onnxruntime":
-                raise QGraphError(f"artifact backend {manifest.get('backend')!r} is not supported by this qgraph",
-                                  "use a qgraph with that backend")
-            from qgraph.ir.capture import load_tokenizer
-
-            model_file = path / manifest.get("model_file", "model.onnx")
-            if runtime and (path / manifest.get("runtime_file", "-")).is_file():
-                model_file = path / manifest["runtime_file"]  # the fused-attention copy: same function, faster
-                if runtime == "fused" and manifest.get("runtime_kind") == "kivi-cache":
-                    model_file = path / manifest.get("model_file", "model.onnx")  # one pass rounds every position
-            session, kernel = _ort_session_checked(host_int8.open_session, model_file, threads, int8_kernel)
-            return Runner.from_session(session, load_tokenizer(path), manifest.get("recipe", path.name), kernel)
-        if path.is_file() and path.suffix == ".onnx":
-            from qgraph.ir.capture import load_tokenizer
-
-            session, kernel = _ort_session_checked(host_int8.open_session, path, threads, int8_kernel)
-            return Runner.from_session(session, load_tokenizer(path.parent), path.stem, kernel)
-    from qgraph.ir.capture import load as _load
-
-    captured = _load(target, progress=progress, export=False)
-    if captured.torch_module is None:
-        return open_runner(captured, threads=threads)
-    return Runner.from_torch(captured.torch_module, captured.tokenizer, "torch")
-
-
-def _ort_session_checked(make, path: Path, threads: int, int8_kernel: str | None = None):
-    try:
-        return make(path, threads=threads, int8_kernel=int8_kernel)
-    except QGraphError:
-        raise
-    except Exception as exc:
-        from qgraph.ir.checks import external_data_problem
-
-        problem = external_data_problem(path)
-        if problem:
-            raise QGraphError(f"cannot read ONNX file {str(path)!r}: {problem}",
-                              "put the complete .data file beside the .onnx file, or recompile the artifact") from None
-        raise QGraphError(
-            f"ONNX Runtime cannot load {str(path)!r}: {str(exc).splitlines()[0][:200]}",
-            "re-export or recompile the model; check its .data file is complete",
-        ) from None
 
 
 def evaluate(

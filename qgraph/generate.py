@@ -238,9 +238,10 @@ def run_generation(decoder: Decoder, prompt_ids: Sequence[int], *, max_new_token
 
 def open_decoder(target: Any, threads: int = 2) -> tuple[Decoder, Any]:
     """A decoder and the tokenizer (or None) for an artifact directory, an .onnx file or a CompiledModel."""
-    from qgraph.api import CompiledModel, open_runner
     from qgraph.artifact import read_manifest
+    from qgraph.compiled import CompiledModel
     from qgraph.ir.capture import MANIFEST
+    from qgraph.runner import open_runner
 
     if isinstance(target, CompiledModel):
         runner = target.runner(threads)

@@ -106,8 +106,9 @@ def embedding_cosine(forward: Forward, reference: Forward, tokenizer, texts: lis
 def encoder_source(target: Any) -> dict | None:
     """The source description when `target` is an encoder (artifact, .onnx in one, compiled/captured model,
     Hugging Face dir or alias), else None."""
-    from qgraph.api import CompiledModel, Runner
+    from qgraph.compiled import CompiledModel
     from qgraph.ir.capture import MANIFEST, CapturedModel, alias_location, causal_lm
+    from qgraph.runner import Runner
 
     if isinstance(target, CompiledModel | CapturedModel):
         source = target.source
@@ -133,7 +134,7 @@ def encoder_source(target: Any) -> dict | None:
 def evaluate_encoder(target: Any, source: dict, *, text: str | None = None, count: int = DEFAULT_SENTENCES,
                      reference: Any = None, threads: int = 2, progress: bool = True) -> dict:
     """Embedding cosine of an encoder against its float source model (the Hugging Face dir in its manifest)."""
-    from qgraph.api import open_runner
+    from qgraph.runner import open_runner
 
     reference = reference if reference is not None else source.get("path")
     if reference is None or (isinstance(reference, str) and not Path(reference).exists()):

@@ -182,8 +182,8 @@ def open_runner(path: Path, manifest: dict, threads: int = 2):
     os.environ.setdefault("TVM_NUM_THREADS", str(threads))
     tvm = require_tvm()
 
-    from qgraph.api import Runner
     from qgraph.ir.capture import load_tokenizer
+    from qgraph.runner import Runner
 
     dev, functions = load_functions(path, manifest)
     lengths = sorted(functions)
