@@ -40,8 +40,7 @@ class CapturedModel:
         if isinstance(self.torch_module, CausalLMWithCache):
             model = export_with_cache(self.torch_module, progress=progress)
         else:
-            example = torch.arange(3, 19, dtype=torch.int64).reshape(1, 16) % _vocab_size(self.torch_module)
-            model = export_module(self.torch_module, (example,), progress=progress, dynamic_seq=True)
+            model = export_token_module(self.torch_module, progress=progress)
         return dataclasses.replace(self, model=model)
 
     @property
@@ -369,15 +368,28 @@ class EncoderHidden(torch.nn.Module):
         return self.net(input_ids=input_ids).last_hidden_state
 
 
-def export_module(module, example_inputs: tuple, *, progress: bool = True, dynamic_seq: bool = False,
-                  dynamic_shapes=None, input_names: list[str] | None = None,
-                  output_names: list[str] | None = None) -> ir.Model:
+def export_token_module(module, *, progress: bool = True) -> ir.Model:
+    """A logits / hidden-state graph over token ids [batch, seq], both axes dynamic (ONNX dims `batch`, `seq`).
+
+    The example is 2 x 16 tokens: torch.export specialises a size-1 axis, so a batch-1 example would fix
+    the batch. A forward that pins its batch anyway is exported with batch 1 and a dynamic sequence.
+    """
+    vocab = _vocab_size(module)
+    seq = torch.export.Dim("seq", min=1, max=8192)
+    example = torch.arange(3, 35, dtype=torch.int64).reshape(2, 16) % vocab
+    try:
+        return export_module(module, (example,), progress=progress, input_names=["input_ids"],
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024), 1: seq},))
+    except QGraphError:
+        return export_module(module, (example[:1],), progress=progress, input_names=["input_ids"],
+                             dynamic_shapes=({1: seq},))
+
+
+def export_module(module, example_inputs: tuple, *, progress: bool = True, dynamic_shapes=None,
+                  input_names: list[str] | None = None, output_names: list[str] | None = None) -> ir.Model:
     """torch.onnx.export(dynamo=True) at opset 21; linear nodes renamed to their module paths."""
     from qgraph.progress import status
 
-    if dynamic_seq:
-        dynamic_shapes = ({1: torch.export.Dim("seq", min=1, max=8192)},)
-        input_names = ["input_ids"]
     if output_names is None and isinstance(module, CausalLMLogits):
         output_names = ["logits"]
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -409,17 +421,16 @@ def export_module(module, example_inputs: tuple, *, progress: bool = True, dynam
 def export_batched(module, example_inputs: tuple, *, progress: bool = True) -> ir.Model:
     """A module's graph with a dynamic batch axis (axis 0 of every tensor input, ONNX dim param `batch`).
 
+    A batch-1 example is repeated to batch 2 for the export (torch.export specialises a size-1 axis).
     A module whose forward fixes its batch size (a reshape to a literal, say) cannot take one: it is
     exported with the example's shapes instead, and its artifact runs at that batch size.
     """
     tensors = [x for x in example_inputs if isinstance(x, torch.Tensor) and x.ndim > 0]
-    # Token-id modules (language models) keep the example's shapes: their masks specialize the batch
-    # (a tiny Llama's dynamic export fails, and the retry tripled its capture time).
-    if tensors and len(tensors) == len(example_inputs) and all(x.is_floating_point() for x in tensors):
+    if tensors and len(tensors) == len(example_inputs):
         batch = torch.export.Dim("batch", min=1, max=4096)
+        example = tuple(x.expand(2, *x.shape[1:]).clone() if x.shape[0] == 1 else x for x in example_inputs)
         try:
-            return export_module(module, example_inputs, progress=progress,
-                                 dynamic_shapes=tuple({0: batch} for _ in example_inputs))
+            return export_module(module, example, progress=progress, dynamic_shapes=tuple({0: batch} for _ in example))
         except QGraphError:
             pass  # a fixed batch in the forward: the static export below says what failed, if anything
     return export_module(module, example_inputs, progress=progress)

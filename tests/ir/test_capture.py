@@ -32,6 +32,21 @@ def test_hf_dir_capture_matches_torch_at_any_length(llama_captured, llama_module
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_hf_logits_graph_has_a_dynamic_batch(llama_captured, tmp_path, text_file):
+    assert [str(d) for d in llama_captured.model.graph.inputs[0].shape] == ["batch", "seq"]
+    ids = np.random.default_rng(4).integers(0, 256, size=(4, 9), dtype=np.int64)
+    rows = np.concatenate([_ort(llama_captured.model, ids[i : i + 1]) for i in range(4)])
+    np.testing.assert_allclose(_ort(llama_captured.model, ids), rows, rtol=1e-5, atol=1e-5)
+    # A static-activation artifact keeps it: every row is computed as if it came alone.
+    compiled = qgraph.compile(llama_captured, "w8a8", calib=qgraph.CalibConfig(text=str(text_file), windows=2, ctx=32),
+                              progress=False)
+    compiled.save(tmp_path / "w8a8", progress=False)
+    runner = qgraph.open_runner(tmp_path / "w8a8", progress=False)
+    rows = np.concatenate([runner.forward(ids[i : i + 1]) for i in range(4)])
+    assert runner.forward(ids).shape == (4, 9, 256)
+    np.testing.assert_allclose(runner.forward(ids), rows, rtol=1e-5, atol=1e-5)
+
+
 def test_linears_named_by_module_path_with_roles(llama_captured):
     layers = find_linears(llama_captured.model)
     names = [l.name for l in layers]
@@ -55,6 +70,8 @@ def test_norms_and_embedding_recognised(llama_captured):
 def test_module_capture_with_example_inputs(llama_module):
     ids = torch.arange(10).reshape(1, 10)
     captured = qgraph.load(CausalLMLogits(llama_module), example_inputs=(ids,), progress=False)
+    assert [str(d) for d in captured.model.graph.inputs[0].shape] == ["batch", "10"]  # the example's length
+    ids = torch.cat([ids, ids.flip(1)])  # batch 2 through the batch-1 example's graph
     got = _ort(captured.model, ids.numpy())
     with torch.no_grad():
         ref = llama_module(input_ids=ids, use_cache=False).logits.numpy()
@@ -83,7 +100,7 @@ def test_bert_hf_dir_capture(tmp_path):
     bert.save_pretrained(tmp_path)
     captured = qgraph.load(tmp_path, progress=False)
     assert captured.source["task"] == "encoder"
-    ids = np.arange(9, dtype=np.int64).reshape(1, 9)
+    ids = np.arange(27, dtype=np.int64).reshape(3, 9) % 200  # batch 3: the encoder's batch axis is dynamic too
     with torch.no_grad():
         ref = bert(input_ids=torch.from_numpy(ids)).last_hidden_state.numpy()
     np.testing.assert_allclose(_ort(captured.model, ids), ref, rtol=1e-4, atol=1e-4)

@@ -213,14 +213,14 @@ def fix_length(model: ir.Model, seq: int) -> None:
     ids = model.graph.inputs[0]
     if ids.shape is None or len(ids.shape) != 2:
         raise QGraphError(f"input {ids.name!r} has shape {ids.shape}", "TVM lowers causal LMs with input_ids [1, seq]")
-    symbol = str(ids.shape[1])
+    fixed = {str(d): n for d, n in zip(ids.shape, (1, seq), strict=True) if not isinstance(d, int)}
     ids.shape = ir.Shape([1, seq])
-    # The exporter's symbolic length also annotates inner values (and the outputs of qgraph.tvm
-    # nodes, which shape inference cannot see through): make it the number everywhere.
+    # The exporter's symbolic batch and length also annotate inner values (and the outputs of qgraph.tvm
+    # nodes, which shape inference cannot see through): make them numbers everywhere.
     for node in model.graph:
         for value in node.outputs:
             if value.shape is not None:
-                value.shape = ir.Shape([seq if not isinstance(d, int) and str(d) == symbol else d for d in value.shape])
+                value.shape = ir.Shape([fixed.get(str(d), d) if not isinstance(d, int) else d for d in value.shape])
     # Limits: the folded causal mask ([1, 1, seq, seq] bool) must fold; weights are already kernel inputs.
     onnxscript.optimizer.optimize(model, input_size_limit=1 << 22, output_size_limit=1 << 22)
 
