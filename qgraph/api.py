@@ -84,6 +84,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     from qgraph.passes.calibrate_ranges import CalibrateRangesPass
     from qgraph.passes.drop_nan_guard import DropNanGuardPass
     from qgraph.passes.fold_batchnorm import FoldBatchNormPass
+    from qgraph.passes.split_fused_linears import SplitFusedLinearsPass, has_fused_linears
 
     recipe = load_recipe(recipe)
     if model.model is None:
@@ -132,6 +133,8 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
     run(DropNanGuardPass(), "drop_nan_guard", simplified, simplify_verdicts)
     if any(n.op_type == "BatchNormalization" for n in graph_model.graph):
         run(FoldBatchNormPass(), "fold_batchnorm", simplified, simplify_verdicts)
+    if recipe.passes and has_fused_linears(graph_model):  # the region passes need q, k, v (gate, up) apart
+        run(SplitFusedLinearsPass(), "split_fused_linears", simplified, simplify_verdicts)
     for entry, verdict in zip(simplified, simplify_verdicts, strict=False):
         entry["verified"] = verdict
     for name, options in recipe.passes:

@@ -291,13 +291,14 @@ def inspect_cmd(
     import qgraph
     from qgraph.backends.onnx_qdq import int8_kernel_record
     from qgraph.ir.convs import find_convs
-    from qgraph.ir.regions import find_embeddings, find_linears, find_norms, find_regions
+    from qgraph.ir.regions import find_embeddings, find_linears, find_norms
+    from qgraph.passes.split_fused_linears import regions_as_compiled
 
     captured = qgraph.load(model, progress=not as_json)
     linears = find_linears(captured.model)
     norms = find_norms(captured.model)
     embeds = find_embeddings(captured.model)
-    regions, rejected = find_regions(captured.model)
+    regions, rejected, split = regions_as_compiled(captured.model)  # fused q/k/v cut as recipes with passes do
     convs = find_convs(captured.model)
     info = {
         "inputs": [{"name": v.name, "dtype": str(v.dtype),
@@ -312,6 +313,8 @@ def inspect_cmd(
         "regions": [{"name": r.name, "kind": r.kind, "channels": r.channels, "sources": [s.name for s in r.sources],
                      "sinks": [s.name for s in r.sinks], "sharing": r.sharing} for r in regions],
         "rejected": [{"candidate": r.candidate, "reason": r.reason} for r in rejected],
+        "fused_split": split.split,
+        "fused_kept": split.kept,
         "nodes": sum(1 for _ in captured.model.graph),
         "int8_gemm": int8_kernel_record(captured.model),
     }
@@ -346,6 +349,10 @@ def inspect_cmd(
     for x in info["regions"]:
         r.add_row(x["name"], x["kind"], str(x["channels"]), str(len(x["sinks"])))
     _out().print(r)
+    for fused, parts in info["fused_split"].items():
+        _out().print(f"fused {fused}: split into {', '.join(p.rsplit('.', 1)[-1] for p in parts)} for the region passes")
+    for fused, why in info["fused_kept"].items():
+        _out().print(f"fused {fused}: kept whole, {why}")
     j = Table(title=f"rejected region candidates ({len(rejected)})")
     j.add_column("candidate", overflow="fold")
     j.add_column("reason")

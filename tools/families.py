@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 import qgraph  # noqa: E402
 from qgraph.calib.data import TokenWindows  # noqa: E402
-from qgraph.ir.regions import find_linears, find_regions  # noqa: E402
+from qgraph.ir.regions import find_linears  # noqa: E402
+from qgraph.passes.split_fused_linears import regions_as_compiled  # noqa: E402
 from tests.test_families import _families  # noqa: E402
 
 
@@ -46,11 +47,13 @@ def main() -> None:
             torch.manual_seed(0)
             build().eval().save_pretrained(d)
             captured = qgraph.load(d, progress=False)
-        regions, rejected = find_regions(captured.model.clone())
+        regions, rejected, split = regions_as_compiled(captured.model)
         compiled = qgraph.compile(captured, recipe="w8a8-qsm", calib=calib, progress=False, verify=True)
         reasons = collections.Counter(_kind(r.reason) for r in rejected)
         rows.append({"family": family, "loaded_class": captured.source["loaded_class"],
-                     "linears": len(find_linears(captured.model)), "quantized": compiled.report["quantized_layers"],
+                     "linears": len(find_linears(captured.model)),
+                     "fused_split": f"{len(split.split)} -> {sum(len(p) for p in split.split.values())}",
+                     "quantized": compiled.report["quantized_layers"],
                      "regions": len(regions), "refused": len(rejected),
                      "verified": all(v["ok"] for v in compiled.report["verified"]),
                      "refusals": dict(reasons.most_common(3))})
@@ -58,12 +61,13 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=1))
         return
-    print("| family (class loaded) | linears found | quantized (w8a8-qsm) | regions | refused: most common reasons | --verify |")
-    print("| --- | ---: | ---: | ---: | --- | --- |")
+    print("| family (class loaded) | linears found | fused split into parts | quantized (w8a8-qsm) | regions | "
+          "refused: most common reasons | --verify |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         why = "; ".join(f"{n} x {k}" for k, n in r["refusals"].items()) or "none"
-        print(f"| {r['family']} ({r['loaded_class']}) | {r['linears']} | {r['quantized']} | {r['regions']} | "
-              f"{r['refused']}: {why} | {'passes' if r['verified'] else 'FAILS'} |")
+        print(f"| {r['family']} ({r['loaded_class']}) | {r['linears']} | {r['fused_split']} | {r['quantized']} | "
+              f"{r['regions']} | {r['refused']}: {why} | {'passes' if r['verified'] else 'FAILS'} |")
 
 
 if __name__ == "__main__":

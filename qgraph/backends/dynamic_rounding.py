@@ -32,8 +32,11 @@ def fake_quantize(x: np.ndarray, axis: int, group_size: int, bits: int, *, symme
     g = xp.reshape(*xp.shape[:-1], -1, group_size)
     if symmetric:
         qmax = np.float32(2 ** (bits - 1) - 1)
-        step = np.maximum(np.abs(g).max(axis=-1, keepdims=True) * np.float32(clip) / qmax, TINY_STEP)
-        y = np.clip(np.round(g / step), -qmax - 1, qmax) * step
+        raw = np.abs(g).max(axis=-1, keepdims=True) * np.float32(clip / qmax)
+        step = np.maximum(raw, TINY_STEP)
+        # A group whose step would be below TINY_STEP (all |x| < 1.3e-28 at 8 bits) rounds to zero: on the
+        # floored step's grid a code could land past the group's largest magnitude.
+        y = np.where(raw < TINY_STEP, np.float32(0), np.clip(np.round(g / step), -qmax - 1, qmax) * step)
     else:
         qmax = np.float32(2**bits - 1)
         lo, hi = g.min(axis=-1, keepdims=True), g.max(axis=-1, keepdims=True)
@@ -72,11 +75,13 @@ def insert_rounding(graph: ir.Graph, x: ir.Value, *, axis: int, rank: int, group
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         amax = op("ReduceMax", [op("Abs", [groups], "abs"), last], "amax", keepdims=1)
-        step = op("Max", [op("Mul", [amax, const("per_code", np.float32(clip / qmax))], "raw_step"),
-                          const("tiny", TINY_STEP)], "step")
+        raw = op("Mul", [amax, const("per_code", np.float32(clip / qmax))], "raw_step")
+        tiny = const("tiny", TINY_STEP)
+        step = op("Max", [raw, tiny], "step")
         codes = op("Clip", [op("Round", [op("Div", [groups, step], "units")], "rounded"),
                             const("qmin", np.float32(-qmax - 1)), const("qmax", np.float32(qmax))], "codes")
-        y = op("Mul", [codes, step], "dq_groups")
+        y = op("Where", [op("Less", [raw, tiny], "flushed"), const("zero", np.float32(0)),
+                         op("Mul", [codes, step], "scaled")], "dq_groups")
     else:
         lo = op("ReduceMin", [groups, last], "min", keepdims=1)
         hi = op("ReduceMax", [groups, last], "max", keepdims=1)

@@ -290,6 +290,9 @@ class _Context:
     linears: dict[int, LinearLayer]  # id(node) -> layer
     linear_outputs: dict[int, LinearLayer]  # id(value) -> layer, for the linear output and its bias Add
     symbols: dict[str, int] = dataclasses.field(default_factory=dict)
+    # id(value) -> its dims at the stand-in sizes, where a walk computed them (a dynamic reshape's output
+    # has no static shape to read; the ops after it do not either)
+    dims: dict[int, list[int]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -625,7 +628,50 @@ def _through(
     if op == "Relu":  # commutes with positive diagonal scales only; passes decide by region kind
         walk.path.append(node)
         return [(node.outputs[0], idx)]
-    raise _Reject(f"unknown/non-commuting op {name} on the path")
+    raise _Reject(_stop_reason(node, value, name))
+
+
+_NONLINEAR = {"Sigmoid", "Tanh", "Erf", "Gelu", "Softplus", "Exp", "Log", "Sin", "Cos", "HardSigmoid", "HardSwish",
+              "Elu", "Selu", "LeakyRelu", "PRelu", "Mish", "Clip", "Abs", "Sqrt", "Reciprocal"}
+
+
+def _stop_reason(node: ir.Node, value: ir.Value, name: str) -> str:
+    """Why a channel transform cannot pass `node`: the op, and what it would break."""
+    op = node.op_type
+    readers = {n.op_type for n, _ in value.uses()}
+    if op == "LayerNormalization" or (op in ("Pow", "ReduceMean", "Mul") and _feeds_mean_of_square(value)):
+        return (f"enters a norm at {name}: a norm divides by the channels' RMS, which a per-channel scale changes "
+                "(its own scale is a region source instead; q/k norms and post-norms stop here)")
+    if op == "Pow" and readers & {"Mul", "Add"} and _reaches(node.outputs[0], {"Tanh"}, 4):
+        return f"enters GELU (tanh form) at {name}: a nonlinear activation does not commute with a channel scale"
+    if op in _NONLINEAR:
+        return f"enters the nonlinear {op} at {name}: it does not commute with a channel scale (ReLU does, for positive ones)"
+    if op in ("Split", "Slice", "Gather"):
+        return (f"is cut by {name}: its parts go to different consumers (split_fused_linears cuts a projection's "
+                "weight where the cut falls on whole channel units)")
+    if op == "Concat":
+        return f"is concatenated with other tensors at {name}"
+    if op == "Softmax":
+        return f"enters Softmax at {name}, which mixes the channels"
+    if op.startswith("Reduce"):
+        return f"is reduced over by {name}"
+    return f"unknown/non-commuting op {name} on the path"
+
+
+def _feeds_mean_of_square(value: ir.Value) -> bool:
+    """value (or its square) is averaged over the channels: the RMSNorm decomposition Pow -> ReduceMean."""
+    for node, _ in value.uses():
+        if node.op_type == "ReduceMean" or (node.op_type in ("Pow", "Mul") and _reaches(node.outputs[0], {"ReduceMean"}, 1)):
+            return True
+    return False
+
+
+def _reaches(value: ir.Value, ops: set[str], depth: int) -> bool:
+    """A node of one of `ops` reads value within `depth` steps."""
+    for node, _ in value.uses():
+        if node.op_type in ops or (depth > 1 and any(_reaches(o, ops, depth - 1) for o in node.outputs)):
+            return True
+    return False
 
 
 def _appends_to_cache(node: ir.Node, index: int, idx: np.ndarray) -> bool:
@@ -742,7 +788,10 @@ def _move(node: ir.Node, value: ir.Value, idx: np.ndarray, ctx: _Context, name: 
         return idx
     if op == "Transpose":
         perm = node.attributes.get_ints("perm", None)
-        return idx.transpose(list(perm) if perm is not None else None)
+        perm = list(perm) if perm is not None else list(range(idx.ndim))[::-1]
+        if id(value) in ctx.dims:
+            ctx.dims[id(node.outputs[0])] = [ctx.dims[id(value)][p] for p in perm]
+        return idx.transpose(perm)
     if op == "Unsqueeze":
         axes = sorted(a % (idx.ndim + len(_axes(node))) for a in _axes(node))
         for a in axes:
@@ -759,18 +808,73 @@ def _move(node: ir.Node, value: ir.Value, idx: np.ndarray, ctx: _Context, name: 
 
 def _reshape(node: ir.Node, value: ir.Value, idx: np.ndarray, ctx: _Context, name: str) -> np.ndarray:
     """Materialise idx at the input's concrete shape (symbolic dims -> stand-in sizes) and reshape it."""
+    last_in, last_out = (list(v.shape or [None])[-1] for v in (value, node.outputs[0]))
+    if isinstance(last_in, int) and last_in == last_out and last_in > 1 and _canonical(idx).shape[:-1] == (1,) * (idx.ndim - 1):
+        # The channels vary along the last axis only and the reshape keeps that axis (it regroups the
+        # leading ones, e.g. Conv1D's [batch*seq, C] <-> [batch, seq, C]): element i of a row stays at i.
+        return _to_rank(_canonical(idx).reshape(-1), _rank(node.outputs[0]))
     dims = _concrete_dims(value, ctx, name)
-    target = node.inputs[1].const_value
+    target = _shape_arithmetic(node.inputs[1], ctx)  # a constant, or computed from Shape (dynamic batch)
     if target is not None:
-        shape = [int(d) for d in constant_array(node.inputs[1]).reshape(-1)]
+        shape = [int(d) for d in target.reshape(-1)]
         if not node.attributes.get_int("allowzero", 0):
             shape = [dims[i] if d == 0 else d for i, d in enumerate(shape)]
     else:
         shape = _concrete_dims(node.outputs[0], ctx, name)
     try:
-        return np.broadcast_to(idx, dims).reshape(shape)
+        moved = np.broadcast_to(idx, dims).reshape(shape)
     except ValueError:
         raise _Reject(f"cannot follow the channel axis through {name}") from None
+    ctx.dims[id(node.outputs[0])] = list(moved.shape)
+    return moved
+
+
+_SHAPE_OPS = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.floor_divide, "Max": np.maximum,
+              "Min": np.minimum}
+
+
+def _shape_arithmetic(value: ir.Value | None, ctx: _Context, depth: int = 0) -> np.ndarray | None:
+    """A reshape target's value at the stand-in sizes: constants and Shape -> Slice / Gather / Concat / arithmetic
+    (how the exporter writes a dynamic-batch view). None when it reads anything else."""
+    if value is None or depth > 16:
+        return None
+    if value.const_value is not None:
+        return constant_array(value)
+    node = value.producer()
+    if node is None:
+        return None
+    op = node.op_type
+    if op == "Shape":
+        try:
+            dims = _concrete_dims(node.inputs[0], ctx, node.name)
+        except _Reject:
+            return None
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", len(dims))
+        return np.array(dims[start:end], dtype=np.int64)
+    args = [_shape_arithmetic(v, ctx, depth + 1) if v is not None else None for v in node.inputs]
+    if not args or any(a is None for a in args[:1]):
+        return None
+    try:
+        if op in ("Identity", "Cast"):
+            return args[0].astype(np.int64)
+        if op in _SHAPE_OPS and args[1] is not None:
+            return _SHAPE_OPS[op](args[0], args[1]).astype(np.int64)
+        if op == "Concat" and all(a is not None for a in args):
+            return np.concatenate([a.reshape(-1) for a in args])
+        if op == "Gather" and args[1] is not None:
+            return np.take(args[0], args[1], axis=node.attributes.get_int("axis", 0))
+        if op == "Unsqueeze" and args[1] is not None:
+            return args[0].reshape(-1) if args[0].ndim == 0 else args[0]
+        if op == "Squeeze":
+            return args[0].reshape(-1)[:1].reshape(()) if args[0].size == 1 else args[0]
+        if op == "Slice" and all(a is not None for a in args[1:3]):
+            axes = args[3] if len(args) > 3 and args[3] is not None else [0]
+            steps = args[4] if len(args) > 4 and args[4] is not None else [1]
+            if len(axes) == 1 and args[0].ndim == 1:
+                return args[0][int(args[1][0]):int(min(args[2][0], np.iinfo(np.int64).max)):int(steps[0])]
+    except (ValueError, IndexError, TypeError):
+        return None
+    return None
 
 
 def _squeeze(node: ir.Node, value: ir.Value, idx: np.ndarray, ctx: _Context, name: str) -> np.ndarray:
@@ -788,6 +892,8 @@ def _axes(node: ir.Node) -> list[int]:
 
 def _concrete_dims(value: ir.Value, ctx: _Context, name: str) -> list[int]:
     """The value's dims with each named symbolic dim replaced by one stand-in size (the same per name)."""
+    if id(value) in ctx.dims:
+        return ctx.dims[id(value)]
     if value.shape is None:
         raise _Reject(f"unknown shape of {value.name} at {name}")
     dims = []

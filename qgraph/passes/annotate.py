@@ -7,6 +7,7 @@ import onnx_ir as ir
 from qgraph.ir.convs import ConvLayer, find_convs, quantized_output
 from qgraph.ir.qspec import LayerAnnotation, QuantSpec, annotate
 from qgraph.ir.regions import LinearLayer, find_linears
+from qgraph.passes.split_fused_linears import fused_name
 from qgraph.recipes import LayerRule, Recipe, TensorRule
 
 
@@ -88,11 +89,14 @@ class AnnotateLinearsPass(ir.passes.InPlacePass):
                                lowering="qdq", output=output.name if output is not None else None)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        skip = set(self.recipe.skip)
+        skip, named = set(self.recipe.skip), set()
         layers: list[LinearLayer | ConvLayer] = [*find_linears(model), *find_convs(model)]
         for layer in layers:
             rule = self._rule_for(layer) if isinstance(layer, LinearLayer) else self.recipe.blocks
-            if layer.name in skip:
+            # A fused projection split for the region passes (qkv_proj.part0..2) is skipped under its own name too.
+            hit = {layer.name, fused_name(layer.name)} & skip
+            if hit:
+                named |= hit
                 self.skipped.append(layer.name)
                 continue
             note = self._note(layer, rule) if rule is not None and rule.weights is not None else None
@@ -101,7 +105,7 @@ class AnnotateLinearsPass(ir.passes.InPlacePass):
                 continue
             annotate(layer.node, note)
             self.annotated[layer.name] = note
-        unknown = skip - set(self.skipped)
+        unknown = skip - named
         if unknown:
             from qgraph.errors import QGraphError
 

@@ -7,7 +7,7 @@ import collections
 import numpy as np
 import onnx_ir as ir
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -19,6 +19,7 @@ from qgraph.backends.onnx_qdq import session_from_model, session_with_outputs
 @settings(max_examples=60, deadline=None)
 @given(x=arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 24)), elements=st.floats(-50, 50, width=32)),
        group=st.integers(1, 12), bits=st.sampled_from([4, 8]), clip=st.sampled_from([1.0, 0.9, 0.5]))
+@example(x=np.array([[1.8999067e-29]], np.float32), group=1, bits=8, clip=1.0)  # a step below TINY_STEP
 def test_symmetric_rounding_codes_and_error(x, group, bits, clip):
     y = fake_quantize(x, -1, group, bits, symmetric=True, clip=clip)
     qmax = 2 ** (bits - 1) - 1
@@ -58,6 +59,18 @@ def test_graph_equals_reference_on_a_dynamic_axis(axis, group, symmetric, clip):
         got = session.run(None, {"x": x})[0]
         ref = fake_quantize(np.maximum(x, 0), axis, group, 4, symmetric=symmetric, clip=clip)
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_graph_flushes_groups_below_the_tiny_step_as_the_reference_does():
+    model, h = _graph("seq", 24)
+    insert_rounding(model.graph, h, axis=-1, rank=3, group_size=8, bits=8, symmetric=True, clip=1.0)
+    x = np.abs(np.random.default_rng(1).normal(size=(2, 3, 24))).astype(np.float32)
+    x[0, 0, :8] *= np.float32(1e-29)  # a group of magnitudes far below any activation: rounds to zero
+    x[0, 1, 8:16] = 0  # an all-zero group: zero, no 0 / 0
+    got = session_from_model(model).run(None, {"x": x})[0]
+    ref = fake_quantize(x, -1, 8, 8, symmetric=True)
+    assert not got[0, 0, :8].any() and not got[0, 1, 8:16].any() and got[0, 2].any()
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
 
 
 W4A4 = """name: tiny-w4a4

@@ -189,7 +189,7 @@ def test_bert_regions_and_rejections(bert):
         assert "(Add) is not a sink" in reasons[norm] and "residual stream (post-norm)" in reasons[norm]
     assert "graph output" in reasons["encoder.layer.1.output.LayerNorm"]
     gelu = reasons["encoder.layer.0.intermediate.dense"]
-    assert "non-commuting op" in gelu and "Gelu" in gelu
+    assert "enters the nonlinear Gelu" in gelu and "does not commute with a channel scale" in gelu
     assert "attention scores" in reasons["encoder.layer.0.attention.self.key"]
     assert "non-constant weight" in reasons["encoder.layer.0.attention.self.query"]
     assert "residual" in reasons["encoder.layer.0.attention.output.dense"]
