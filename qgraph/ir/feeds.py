@@ -37,8 +37,9 @@ def has_cache(inputs: Iterable[Any]) -> bool:
 
 
 def input_dims(v) -> list[int | None]:
-    """An input's axes (onnx_ir value or ORT NodeArg): its size where fixed, None where dynamic."""
-    return [d if isinstance(d, int) else None for d in (v.shape or [])]
+    """An input's axes (onnx_ir value or ORT NodeArg): its size where fixed, None where dynamic (a symbol, or
+    the -1 some exporters, e.g. Paddle's, write for an open axis)."""
+    return [d if isinstance(d, int) and d >= 0 else None for d in (v.shape or [])]
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
