@@ -1,15 +1,19 @@
 #!/usr/bin/env python
 """CNNs in one run: qgraph w8a8-cnn against fp32 and ONNX Runtime's quantize_static on the same graph and data.
 
-Random-weight ResNet-18 and MobileNetV2 (transformers configs; no pretrained classifier ships in a
-package here), 224 x 224 inputs. Calibration: --calib images of smooth random noise; evaluation: --eval
-others. Rows: fp32, qgraph w8a8-cnn (per-channel int8 weights, uint8 activations, every Conv a
+Random-weight ResNet-18 and MobileNetV2 (transformers configs), 224 x 224 inputs, calibrated on --calib
+images of smooth random noise and evaluated on --eval others; and `ppocr-cls`, a real pretrained CNN:
+PP-OCR's text-direction classifier from the rapidocr-onnxruntime wheel (opset 11, 53 Conv, 35
+BatchNormalization), 48 x 192 inputs, calibrated on 256 windows of scikit-image's text.png photo and
+evaluated on 690 labelled crops of its page.png photo (qgraph.eval.pretrained_cnn; top-1 against the
+labels too). Rows: fp32, qgraph w8a8-cnn (per-channel int8 weights, uint8 activations, every Conv a
 QLinearConv; opened as `qgraph eval` / `bench` open it, and as stored), ORT quantize_static (QDQ,
 per-channel int8 weights, uint8 activations, MinMax) on the same fp32 ONNX file and the same
 calibration arrays. Latency: one forward at --batch, round-robin over
 the rows for --rounds rounds (min and median); top-1 agreement and logit cosine against fp32.
 
-    python tools/bench_vision.py [--batch 4 --rounds 10 --models resnet18,mobilenetv2]
+    python tools/bench_vision.py [--batch 4 --rounds 10 --models resnet18,mobilenetv2,ppocr-cls]
+    python tools/compare_peers.py --vision [same options]
 """
 
 from __future__ import annotations
@@ -69,12 +73,12 @@ def _images(n: int, seed: int) -> np.ndarray:
     return x + np.asarray([0.4, -0.1, 0.2], np.float32)[None, :, None, None]
 
 
-def _ort_static(fp32: Path, out: Path, calib: np.ndarray) -> Path:
+def _ort_static(fp32: Path, out: Path, calib: np.ndarray, input_name: str = "pixel_values") -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.rows = iter([{"pixel_values": calib[i:i + 1]} for i in range(len(calib))])
+            self.rows = iter([{input_name: calib[i:i + 1]} for i in range(len(calib))])
 
         def get_next(self):
             return next(self.rows, None)
@@ -84,36 +88,50 @@ def _ort_static(fp32: Path, out: Path, calib: np.ndarray) -> Path:
     return out
 
 
-def main() -> None:
+def _workload(name: str, calib_count: int, eval_count: int):
+    """(captured model, input name, calibration array, evaluation array, labels or None)."""
+    import torch
+
+    if name == "ppocr-cls":
+        from qgraph.eval import pretrained_cnn
+
+        x, labels = pretrained_cnn.evaluation_crops()
+        return (qgraph.load(pretrained_cnn.model_path(), progress=False), pretrained_cnn.INPUT,
+                pretrained_cnn.calibration_crops(), x, labels)
+    captured = qgraph.load(_model(name), example_inputs=(torch.from_numpy(_images(2, 0)),), progress=False)
+    return captured, "pixel_values", _images(calib_count, 1), _images(eval_count, 2), None
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="resnet18,mobilenetv2")
+    ap.add_argument("--models", default="resnet18,mobilenetv2,ppocr-cls")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--eval", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     import onnxruntime as ort
-    import torch
 
     from qgraph.backends.onnx_qdq import session_options
 
-    lines = [f"CNNs, 224 x 224, batch {args.batch}, {args.threads} threads, {args.rounds} round-robin rounds; "
-             f"{args.calib} calibration / {args.eval} evaluation images (smooth random noise).", "",
+    lines = [f"CNNs at batch {args.batch}, {args.threads} threads, {args.rounds} round-robin rounds; random-weight "
+             f"models: 224 x 224, {args.calib} calibration / {args.eval} evaluation images (smooth random noise); "
+             "ppocr-cls: pretrained, 48 x 192, photos (qgraph.eval.pretrained_cnn).", "",
              f"Host: {describe_host()}.", "",
-             "| model: row | top-1 agreement with fp32 | logit cosine (min) | ms min / med | x fp32 (med) | QLinearConv |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    calib, evaluation = _images(args.calib, 1), _images(args.eval, 2)
+             "| model: row | top-1 agreement with fp32 | top-1 (labels) | logit cosine (min) | ms min / med | x fp32 (med) "
+             "| QLinearConv |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name in args.models.split(","):
         work = Path(tempfile.mkdtemp(prefix=f"qgraph-{name}-"))
-        captured = qgraph.load(_model(name), example_inputs=(torch.from_numpy(_images(2, 0)),), progress=False)
+        captured, feed, calib, evaluation, labels = _workload(name, args.calib, args.eval)
         fp32 = qgraph.compile(captured, "fp32", progress=False).save(work / "fp32", progress=False)
         t = time.perf_counter()
-        feeds = [{"pixel_values": calib[i:i + 8]} for i in range(0, len(calib), 8)]
+        feeds = [{feed: calib[i:i + 8]} for i in range(0, len(calib), 8)]
         q8 = qgraph.compile(captured, "w8a8-cnn", calib=feeds, progress=False).save(work / "w8a8-cnn", progress=False)
         qgraph_s = time.perf_counter() - t
         t = time.perf_counter()
-        ort_q = _ort_static(fp32 / "model.onnx", work / "ort-static.onnx", calib)
+        ort_q = _ort_static(fp32 / "model.onnx", work / "ort-static.onnx", calib, feed)
         ort_s = time.perf_counter() - t
         # As users open it (qgraph eval / bench / open_runner): u8 x u8 weights re-stored as int8 where the
         # host's u8 x s8 kernel is exact (qgraph.backends.host_int8); the stored form is its own row.
@@ -135,16 +153,16 @@ def main() -> None:
             import onnx
 
             fused[row] = sum(n.op_type == "QLinearConv" for n in onnx.load(opts.optimized_model_filepath).graph.node)
-        outs = {row: np.concatenate([s.run(None, {"pixel_values": evaluation[i:i + 8]})[0]
+        outs = {row: np.concatenate([s.run(None, {feed: evaluation[i:i + 8]})[0]
                                      for i in range(0, len(evaluation), 8)]) for row, s in sessions.items()}
         x = evaluation[:args.batch]
         times: dict[str, list[float]] = {row: [] for row in sessions}
         for s in sessions.values():
-            s.run(None, {"pixel_values": x})
+            s.run(None, {feed: x})
         for _ in range(args.rounds):
             for row, s in sessions.items():
                 t = time.perf_counter()
-                s.run(None, {"pixel_values": x})
+                s.run(None, {feed: x})
                 times[row].append((time.perf_counter() - t) * 1e3)
         base = statistics.median(times["fp32"])
         ref = outs["fp32"]
@@ -152,7 +170,9 @@ def main() -> None:
             got = outs[row]
             cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
             med = statistics.median(times[row])
-            lines.append(f"| {name}: {row} | {np.mean(ref.argmax(1) == got.argmax(1)):.3f} | {cos.mean():.4f} ({cos.min():.4f}) "
+            top1 = f"{np.mean(got.argmax(1) == labels):.3f}" if labels is not None else "-"
+            agree = np.mean(ref.argmax(1) == got.argmax(1))
+            lines.append(f"| {name}: {row} | {agree:.3f} | {top1} | {cos.mean():.4f} ({cos.min():.4f}) "
                          f"| {min(times[row]):.1f} / {med:.1f} | {med / base:.2f} | {fused[row]} |")
         print(f"[bench_vision] {name} done", file=sys.stderr, flush=True)
     print("\n".join(lines))

@@ -29,6 +29,11 @@ onnxruntime-genai and qgraph's own loop, onnxruntime-genai's model builder int4,
 same GGUF (install it first with tools/setup_peers.sh), decode tokens/s at context 512 and perplexity:
 
     python tools/compare_peers.py --generation [--out out/compare-gen] [--gen-recipes fp32,w8a8-qsm,w4a16-awq,w4a16-q41,w4a8-rot]
+
+`--vision` runs the CNN board instead (tools/bench_vision.py): qgraph w8a8-cnn against fp32 and ORT's
+quantize_static on the same graphs and data, including a pretrained classifier on photos (ppocr-cls):
+
+    python tools/compare_peers.py --vision [--models resnet18,mobilenetv2,ppocr-cls] [--batch 4] [--rounds 10]
 """
 
 from __future__ import annotations
@@ -195,6 +200,11 @@ def _int8_label(run: str) -> str:
 
 
 def main() -> None:
+    if "--vision" in sys.argv[1:]:  # the CNN board takes its own options (--models, --batch, --rounds, ...)
+        import bench_vision
+
+        bench_vision.main([a for a in sys.argv[1:] if a != "--vision"])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/compare")
     ap.add_argument("--runs", type=int, default=10, help="timed rounds per row (min and median reported)")
@@ -203,6 +213,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="re-quantize every row")
     ap.add_argument("--recipes", default=",".join(QGRAPH_RECIPES), help="comma-separated qgraph recipes to include")
     ap.add_argument("--generation", action="store_true", help="the generation board (KV cache, tokens/s) instead")
+    ap.add_argument("--vision", action="store_true",
+                    help="the CNN board instead (tools/bench_vision.py: qgraph w8a8-cnn against ORT quantize_static, "
+                         "a pretrained classifier on photos included); the options after --vision go to it")
     ap.add_argument("--latency-only", action="store_true",  # --generation: perplexities from the last generation.json
                     help="time the rows only (no ORT quantizer rows, no perplexity): re-checks latency on an idle machine")
     ap.add_argument("--gen-recipes", default="fp32,w8a8-qsm,w4a16-awq,w4a16-q41,w4a8-rot", help="qgraph rows of --generation")
