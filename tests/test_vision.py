@@ -255,6 +255,11 @@ def test_tensor_data_errors_name_the_input_and_the_fix(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(QGraphError, match="not a readable .npz"):
         load_tensor_data(tmp_path / "bad.npz", inputs)
+    np.savez(tmp_path / "labels.npz", pixel_values=_images(3, 0), labels=np.array([0, 1]))
+    with pytest.raises(QGraphError, match=r"'labels' must be one integer class per sample \(\[3\] samples"):
+        load_tensor_data(tmp_path / "labels.npz", inputs)
+    np.savez(tmp_path / "labelled.npz", pixel_values=_images(3, 0), labels=np.array([0, 1, 1]))
+    assert load_tensor_data(tmp_path / "labelled.npz", inputs).labels.tolist() == [0, 1, 1]
 
 
 def test_api_calibration_feeds_are_checked_against_every_input():
