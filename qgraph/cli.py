@@ -242,6 +242,26 @@ def generate_cmd(
           f"decode {result.tokens_per_s:.1f} tokens/s ({how})", file=sys.stderr)
 
 
+@app.command("export-weights")
+def export_weights_cmd(
+    artifact: str = typer.Argument(..., help="ONNX Runtime artifact directory, compiled from a Hugging Face dir or .gguf."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (replaced atomically)."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (a transformers checkpoint folder)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Write the artifact's weights (folded scales, rounded values) as a Hugging Face checkpoint transformers loads."""
+    from qgraph.backends.hf_checkpoint import export_weights
+
+    info = export_weights(artifact, out, fmt=fmt, progress=not (quiet or as_json))
+    if as_json:
+        print(json.dumps(info))
+    elif not quiet:
+        _out().print(f"wrote {info['out']}: {info['tensors']} tensors ({info['linears']} linears dequantized to "
+                     f"float on the recipe's grid){'; lm_head untied from the table' if info['untied_head'] else ''}"
+                     f"{'; quantization_config.json describes the grid' if info['quantization_config'] else ''}")
+
+
 @app.command("bench")
 def bench_cmd(
     target: str = typer.Argument(..., help="Artifact directory or .onnx file."),

@@ -1,0 +1,68 @@
+"""export-weights: an artifact's folded and rounded weights as a Hugging Face checkpoint transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import qgraph
+from qgraph.backends.hf_checkpoint import QUANT_CONFIG, export_weights
+from qgraph.backends.onnx_qdq import session_from_model
+
+
+def _float_compute(path) -> ir.Model:
+    """The artifact with MatMulNBits computing in float (accuracy level 1): its weights, no activation rounding."""
+    model = ir.external_data.load_to_model(ir.load(path))
+    for node in model.graph:
+        if node.op_type == "MatMulNBits":
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def awq(llama_captured, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    calib = qgraph.CalibConfig(text=str(text_file), windows=2, ctx=32)
+    qgraph.compile(llama_captured, "w4a16-awq", calib=calib, progress=False).save(out / "awq", progress=False)
+    return out
+
+
+def test_awq_write_back_loads_in_transformers_and_matches_the_artifact(awq):
+    import transformers
+
+    info = export_weights(awq / "awq", awq / "hf", progress=False)
+    assert info["linears"] == 15 and not info["untied_head"]  # 14 block linears + the tied 8-bit head
+    hf = transformers.AutoModelForCausalLM.from_pretrained(awq / "hf", dtype=torch.float32).eval()
+    ids = (np.arange(24, dtype=np.int64).reshape(1, 24) * 7) % 256
+    with torch.no_grad():
+        got = hf(torch.from_numpy(ids)).logits.numpy()
+    want = session_from_model(_float_compute(awq / "awq" / "model.onnx")).run(None, {"input_ids": ids})[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+    # AWQ's scales live in the norm weights now: the checkpoint is not the source's
+    source = transformers.AutoModelForCausalLM.from_pretrained(json.loads((awq / "awq" / "manifest.json").read_text())
+                                                               ["source"]["path"], dtype=torch.float32)
+    assert not torch.equal(hf.model.layers[0].input_layernorm.weight, source.model.layers[0].input_layernorm.weight)
+    config = json.loads((awq / "hf" / QUANT_CONFIG).read_text())
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert (config["quant_method"], weights["num_bits"], weights["strategy"], weights["group_size"]) == (
+        "compressed-tensors", 4, "group", 128)
+
+
+def test_an_online_rotation_is_refused_with_the_reason(llama_captured, text_file, tmp_path):
+    calib = qgraph.CalibConfig(text=str(text_file), windows=2, ctx=32)
+    qgraph.compile(llama_captured, "w4a8-rot", calib=calib, progress=False).save(tmp_path / "rot", progress=False)
+    with pytest.raises(qgraph.QGraphError, match="online Hadamard at run time"):
+        export_weights(tmp_path / "rot", tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_cli_export_weights_errors_are_one_line(tmp_path):
+    from qgraph.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["export-weights", str(tmp_path / "missing"), "-o", str(tmp_path / "hf")])
+    assert exc.value.code == 2
