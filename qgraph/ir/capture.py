@@ -168,7 +168,9 @@ def load_onnx(path: Path) -> CapturedModel:
         source["opset_converted_from"] = opset
     # Weights and norm statistics written as Constant nodes (Paddle's exporter does) become initializers:
     # the recognisers and onnxscript's folding rules read constants there.
-    ir.passes.common.LiftConstantsToInitializersPass(size_limit=1)(model)
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    LiftConstantsToInitializersPass(size_limit=1)(model)
     tokenizer = None
     manifest_path = path.parent / MANIFEST
     if manifest_path.exists():
