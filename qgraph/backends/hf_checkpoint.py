@@ -101,6 +101,28 @@ def _linear_weights(graph: ir.Graph) -> dict[str, np.ndarray]:
     return weights
 
 
+def _rejoin_parts(weights: dict[str, np.ndarray], artifact: Path) -> dict[str, np.ndarray]:
+    """Fused projections cut for the region passes (split_fused_linears: qkv_proj.part0 [0:64], ...) joined back
+    into the source's one weight, their columns where the report says."""
+    report = artifact / "report.json"
+    simplified = json.loads(report.read_text()).get("simplified", []) if report.is_file() else []
+    split = next((p.get("parts", {}) for p in simplified if p.get("pass") == "split_fused_linears"), {})
+    for fused, parts in split.items():
+        columns = []
+        for part in parts:  # '<fused>.part<i> [lo:hi]'
+            name, bounds = part.rsplit(" ", 1)
+            lo, hi = (int(b) for b in bounds.strip("[]").split(":"))
+            if name in weights:
+                columns.append((lo, hi, weights.pop(name)))
+        if columns:
+            k, n = columns[0][2].shape[0], max(hi for _, hi, _ in columns)
+            joined = np.zeros((k, n), np.float32)
+            for lo, hi, w in columns:
+                joined[:, lo:hi] = w
+            weights[fused] = joined
+    return weights
+
+
 def _constant(value: ir.Value) -> np.ndarray:
     """A constant, or a Reshape of one (a tied table reads the head's blocks through a Reshape)."""
     producer = value.producer()
@@ -207,7 +229,7 @@ def export_weights(artifact: str | Path, out_dir: str | Path, *, fmt: str = "saf
     captured = capture_load(source["path"], progress=progress, export=False)
     net = getattr(captured.torch_module, "net", captured.torch_module)
     state = net.state_dict()
-    linears = _linear_weights(graph)
+    linears = _rejoin_parts(_linear_weights(graph), artifact)
     written: dict[str, torch.Tensor] = {}
     for name, module in net.named_modules():
         weight = getattr(module, "weight", None)

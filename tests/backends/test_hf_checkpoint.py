@@ -66,3 +66,24 @@ def test_cli_export_weights_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["export-weights", str(tmp_path / "missing"), "-o", str(tmp_path / "hf")])
     assert exc.value.code == 2
+
+
+def test_a_fused_projection_split_for_the_passes_is_written_whole(tmp_path):
+    """Phi-3's qkv_proj / gate_up_proj are cut into parts by split_fused_linears; the checkpoint has them joined."""
+    import transformers
+
+    from qgraph.calib.data import TokenWindows
+    from tests.test_families import _families
+
+    torch.manual_seed(0)
+    _families()["phi3"]().eval().save_pretrained(tmp_path / "phi3")
+    calib = TokenWindows(np.random.default_rng(1).integers(0, 256, size=(2, 32), dtype=np.int64), 0, "random")
+    compiled = qgraph.compile(qgraph.load(tmp_path / "phi3", progress=False), "w4a16-awq", calib=calib, progress=False)
+    compiled.save(tmp_path / "awq", progress=False)
+    export_weights(tmp_path / "awq", tmp_path / "hf", progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = (np.arange(16, dtype=np.int64).reshape(1, 16) * 11) % 256
+    with torch.no_grad():
+        got = hf(torch.from_numpy(ids)).logits.numpy()
+    want = session_from_model(_float_compute(tmp_path / "awq" / "model.onnx")).run(None, {"input_ids": ids})[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
