@@ -23,6 +23,18 @@ def _float_compute(path) -> ir.Model:
     return model
 
 
+def _gap_to_artifact(hf_dir, artifact, length: int):
+    """(transformers model, ||logits - artifact's float-compute logits|| / ||artifact's||) on one prompt."""
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = (np.arange(length, dtype=np.int64).reshape(1, length) * 7) % 256
+    with torch.no_grad():
+        got = hf(torch.from_numpy(ids)).logits.numpy()
+    want = session_from_model(_float_compute(artifact / "model.onnx")).run(None, {"input_ids": ids})[0]
+    return hf, float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
 @pytest.fixture(scope="module")
 def awq(llama_captured, text_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
@@ -36,12 +48,8 @@ def test_awq_write_back_loads_in_transformers_and_matches_the_artifact(awq):
 
     info = export_weights(awq / "awq", awq / "hf", progress=False)
     assert info["linears"] == 15 and not info["untied_head"]  # 14 block linears + the tied 8-bit head
-    hf = transformers.AutoModelForCausalLM.from_pretrained(awq / "hf", dtype=torch.float32).eval()
-    ids = (np.arange(24, dtype=np.int64).reshape(1, 24) * 7) % 256
-    with torch.no_grad():
-        got = hf(torch.from_numpy(ids)).logits.numpy()
-    want = session_from_model(_float_compute(awq / "awq" / "model.onnx")).run(None, {"input_ids": ids})[0]
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+    hf, gap = _gap_to_artifact(awq / "hf", awq / "awq", 24)
+    assert gap < 1e-4
     # AWQ's scales live in the norm weights now: the checkpoint is not the source's
     source = transformers.AutoModelForCausalLM.from_pretrained(json.loads((awq / "awq" / "manifest.json").read_text())
                                                                ["source"]["path"], dtype=torch.float32)
@@ -70,8 +78,6 @@ def test_cli_export_weights_errors_are_one_line(tmp_path):
 
 def test_a_fused_projection_split_for_the_passes_is_written_whole(tmp_path):
     """Phi-3's qkv_proj / gate_up_proj are cut into parts by split_fused_linears; the checkpoint has them joined."""
-    import transformers
-
     from qgraph.calib.data import TokenWindows
     from tests.test_families import _families
 
@@ -81,9 +87,4 @@ def test_a_fused_projection_split_for_the_passes_is_written_whole(tmp_path):
     compiled = qgraph.compile(qgraph.load(tmp_path / "phi3", progress=False), "w4a16-awq", calib=calib, progress=False)
     compiled.save(tmp_path / "awq", progress=False)
     export_weights(tmp_path / "awq", tmp_path / "hf", progress=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    ids = (np.arange(16, dtype=np.int64).reshape(1, 16) * 11) % 256
-    with torch.no_grad():
-        got = hf(torch.from_numpy(ids)).logits.numpy()
-    want = session_from_model(_float_compute(tmp_path / "awq" / "model.onnx")).run(None, {"input_ids": ids})[0]
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
+    assert _gap_to_artifact(tmp_path / "hf", tmp_path / "awq", 16)[1] < 1e-4
