@@ -258,7 +258,8 @@ def export_weights_cmd(
         print(json.dumps(info))
     elif not quiet:
         _out().print(f"wrote {info['out']}: {info['tensors']} tensors ({info['linears']} linears dequantized to "
-                     f"float on the recipe's grid){'; lm_head untied from the table' if info['untied_head'] else ''}"
+                     f"float on the recipe's grid; logits within {info['relative_error']:.1e} of the artifact's)"
+                     f"{'; lm_head untied from the table' if info['untied_head'] else ''}"
                      f"{'; quantization_config.json describes the grid' if info['quantization_config'] else ''}")
 
 

@@ -131,9 +131,16 @@ def _constant(value: ir.Value) -> np.ndarray:
     return constant_array(value)
 
 
+def _module_name(net, module) -> str | None:
+    return next((n for n, m in net.named_modules() if m is module), None)
+
+
 def _table(graph: ir.Graph) -> np.ndarray | None:
-    """The token table as stored: a float Gather table, or GatherBlockQuantized's blocks dequantized."""
+    """The token table as the lookup reads it: a float Gather table, or GatherBlockQuantized's blocks dequantized."""
     for node in graph:
+        if node.op_type == "Gather" and node.inputs[1] is not None and node.inputs[1].is_graph_input() \
+                and node.inputs[0].const_value is not None and len(node.inputs[0].shape or ()) == 2:
+            return constant_array(node.inputs[0]).astype(np.float32)
         if node.op_type == "GatherBlockQuantized":
             a = {k: v.value for k, v in node.attributes.items()}
             packed = _constant(node.inputs[0])
@@ -239,7 +246,7 @@ def export_weights(artifact: str | Path, out_dir: str | Path, *, fmt: str = "saf
         w = w.T if isinstance(module, torch.nn.Linear) else w  # transformers' Conv1D stores [in, out]
         if tuple(w.shape) != tuple(weight.shape):
             raise QGraphError(f"layer {name} is {list(w.shape)} in the artifact and {list(weight.shape)} in the source: "
-                              "its channels were split or permuted (QSM / QLLM split, RPTQ reorder)",
+                              "its channels were split (QSM / QLLM channel splitting)",
                               "export a recipe without channel splitting")
         written[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     missing_linears = sorted(n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear) and f"{n}.weight" not in written)
@@ -249,21 +256,20 @@ def export_weights(artifact: str | Path, out_dir: str | Path, *, fmt: str = "saf
             continue
         value = graph.initializers.get(f"net.{key}")
         if value is not None and value.const_value is not None and tuple(value.shape) == tuple(tensor.shape):
-            written[key] = torch.from_numpy(np.ascontiguousarray(constant_array(value), dtype=np.float32))
-    for key, tensor in state.items():  # a tied parameter is stored once, under one of its names
-        alias = next((k for k, v in state.items() if k in written and v.data_ptr() == tensor.data_ptr()), None)
-        if key not in written and alias is not None:
-            written[key] = written[alias]
+            written[key] = torch.from_numpy(np.array(constant_array(value), dtype=np.float32))  # a writable copy
     embed = net.get_input_embeddings()
     table_key = next(k for k, v in state.items() if v.data_ptr() == embed.weight.data_ptr())
-    if table_key not in written:
-        table = _table(graph)
-        if table is None:
-            raise QGraphError("the token table is not in the artifact", "recompile the artifact")
-        written[table_key] = torch.from_numpy(table.reshape(tuple(state[table_key].shape)).astype(np.float32))
+    table = _table(graph)  # what the lookup reads (the head may hold a rescaled, untied copy under a tied name)
+    if table is None:
+        raise QGraphError("the token table is not in the artifact", "recompile the artifact")
+    written[table_key] = torch.from_numpy(table.reshape(tuple(state[table_key].shape)).astype(np.float32))
     head = net.get_output_embeddings()
+    for key, tensor in state.items():  # other tied parameters are stored once, under one of their names
+        alias = next((k for k, v in state.items() if k in written and v.data_ptr() == tensor.data_ptr()), None)
+        if key not in written and alias is not None and key != f"{_module_name(net, head)}.weight":
+            written[key] = written[alias]
     tied = head is not None and head.weight.data_ptr() == embed.weight.data_ptr()
-    head_key = next((f"{n}.weight" for n, m in net.named_modules() if m is head), None)
+    head_key = f"{_module_name(net, head)}.weight" if head is not None else None
     untie = False
     if tied and head_key in written and not torch.equal(written[head_key], written[table_key]):
         untie = True  # the head was quantized apart from the table: both are written, the config unties them
@@ -277,11 +283,13 @@ def export_weights(artifact: str | Path, out_dir: str | Path, *, fmt: str = "saf
     for key in missing:  # buffers the graph folded away (rotary frequencies): the source's own
         written[key] = state[key]
 
+    if untie:
+        net.config.tie_word_embeddings = False
+        net.lm_head.weight = torch.nn.Parameter(written[head_key].clone())
+    net.load_state_dict(written, strict=False)
+    gap = _check_against_artifact(net, model, int(state[table_key].shape[0]))
+
     def fill(tmp: Path) -> None:
-        if untie:
-            net.config.tie_word_embeddings = False
-            net.lm_head.weight = torch.nn.Parameter(written[head_key].clone())
-        net.load_state_dict(written, strict=False)
         # A GGUF source loads dequantized but marked as GGUF-quantized, which save_pretrained refuses; the
         # weights written here are plain float.
         net.hf_quantizer = None
@@ -297,8 +305,49 @@ def export_weights(artifact: str | Path, out_dir: str | Path, *, fmt: str = "saf
         shutil.copy(artifact / "manifest.json", tmp / "qgraph_manifest.json")
 
     out = write_atomically(out_dir, fill)
-    return {"out": str(out), "tensors": len(written), "linears": len([k for k in written if k[:-7] in linears]),
+    return {"out": str(out), "relative_error": gap, "tensors": len(written),
+            "linears": len([k for k in written if k.removesuffix(".weight") in linears]),
             "untied_head": untie, "quantization_config": (out / QUANT_CONFIG).is_file()}
+
+
+EXPORT_TOLERANCE = 1e-3  # relative logits gap between the checkpoint and the artifact computed in float
+
+
+def _float_reference(model: ir.Model) -> ir.Model:
+    """The artifact as float arithmetic on its stored weights: activation Q -> DQ pairs bypassed, MatMulNBits
+    at accuracy level 1 (float activations). What a float checkpoint of the same weights computes."""
+    model = ir.from_proto(ir.to_proto(model))  # a copy
+    for node in list(model.graph):
+        if node.op_type == "MatMulNBits":
+            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
+        elif node.op_type == "DequantizeLinear" and node.inputs[0].producer() is not None \
+                and node.inputs[0].producer().op_type == "QuantizeLinear":
+            source = node.inputs[0].producer().inputs[0]
+            if not node.outputs[0].is_graph_output():
+                ir.convenience.replace_all_uses_with(node.outputs[0], source)
+    return model
+
+
+def _check_against_artifact(net, model: ir.Model, vocab: int) -> float:
+    """The checkpoint's logits against the artifact's float computation on 24 tokens; refuses a gap above
+    EXPORT_TOLERANCE (a transform the weights cannot carry: an op a pass inserted, a shift)."""
+    import torch
+
+    from qgraph.backends.onnx_qdq import session_from_model
+
+    ids = ((np.arange(24, dtype=np.int64) * 7919 + 11) % vocab).reshape(1, 24)
+    # Unoptimized: ORT's optimizer would fuse a weight-only DequantizeLinear -> MatMul into an int8 kernel
+    # that rounds the activations (5e-3 on a tiny w8a8 Llama); the float reference must stay float.
+    session = session_from_model(_float_reference(model), threads=2, optimize=False)
+    want = session.run(None, {session.get_inputs()[0].name: ids})[0]
+    with torch.no_grad():
+        got = net(input_ids=torch.from_numpy(ids)).logits.float().numpy()
+    gap = float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+    if not gap <= EXPORT_TOLERANCE:
+        raise QGraphError(f"the checkpoint's logits differ from the artifact's by {gap:.2e} (relative; limit "
+                          f"{EXPORT_TOLERANCE:g}): the recipe changed the graph beyond its weights",
+                          "export a recipe whose passes fold into weights (norm fold, smooth, AWQ, GPTQ / RTN)")
+    return gap
 
 
 def _quantization_config(manifest: dict) -> dict | None:

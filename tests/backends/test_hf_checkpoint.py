@@ -48,6 +48,7 @@ def test_awq_write_back_loads_in_transformers_and_matches_the_artifact(awq):
 
     info = export_weights(awq / "awq", awq / "hf", progress=False)
     assert info["linears"] == 15 and not info["untied_head"]  # 14 block linears + the tied 8-bit head
+    assert info["relative_error"] < 1e-4  # export-weights' own check against the artifact
     hf, gap = _gap_to_artifact(awq / "hf", awq / "awq", 24)
     assert gap < 1e-4
     # AWQ's scales live in the norm weights now: the checkpoint is not the source's
@@ -58,6 +59,26 @@ def test_awq_write_back_loads_in_transformers_and_matches_the_artifact(awq):
     weights = config["config_groups"]["group_0"]["weights"]
     assert (config["quant_method"], weights["num_bits"], weights["strategy"], weights["group_size"]) == (
         "compressed-tensors", 4, "group", 128)
+
+
+def test_a_graph_change_the_weights_cannot_carry_is_refused(awq, tmp_path):
+    """export-weights checks the checkpoint's logits against the artifact's: an op a pass left in the graph
+    (here a Mul after o_proj) is caught, not written."""
+    import shutil
+
+    shutil.copytree(awq / "awq", tmp_path / "changed")
+    model = ir.load(tmp_path / "changed" / "model.onnx")
+    o_proj = next(n for n in model.graph if n.name == "model.layers.0.self_attn.o_proj")
+    scale = ir.Value(name="extra_scale", const_value=ir.tensor(np.float32(1.5)))
+    model.graph.register_initializer(scale)
+    mul = ir.node("Mul", [o_proj.outputs[0], scale], name="extra_mul")
+    ir.convenience.replace_all_uses_with(o_proj.outputs[0], mul.outputs[0])
+    mul.replace_input_with(0, o_proj.outputs[0])
+    model.graph.insert_after(o_proj, mul)
+    ir.save(model, tmp_path / "changed" / "model.onnx")
+    with pytest.raises(qgraph.QGraphError, match=r"differ from the artifact's by .* beyond its weights"):
+        export_weights(tmp_path / "changed", tmp_path / "hf", progress=False)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_an_online_rotation_is_refused_with_the_reason(llama_captured, text_file, tmp_path):
