@@ -27,6 +27,9 @@ def dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+EXPORT_MANIFEST = "qgraph_manifest.json"  # marks a checkpoint folder `qgraph export-weights` wrote (replaceable)
+
+
 def check_output_dir(out_dir: str | Path) -> Path:
     """Refuse an output path that cannot become an artifact: never overwrite a user's files, fail before a long compile."""
     out = Path(out_dir).resolve()
@@ -34,7 +37,7 @@ def check_output_dir(out_dir: str | Path) -> Path:
     if out.exists() and not out.is_dir():
         raise QGraphError(f"output {str(out)!r} is a file, not a directory", fix)
     try:
-        foreign = out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists()
+        foreign = out.is_dir() and any(out.iterdir()) and not any((out / m).exists() for m in (MANIFEST, EXPORT_MANIFEST))
     except OSError as exc:
         raise QGraphError(f"output {str(out)!r} cannot be read ({exc.strerror})", fix) from None
     if foreign:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from qgraph.artifact import read_manifest, write_atomically
+from qgraph.artifact import EXPORT_MANIFEST, check_output_dir, read_manifest, write_atomically
 from qgraph.errors import QGraphError
 from qgraph.ir.hadamard import ONLINE_PREFIX
 from qgraph.ir.validate import constant_array
@@ -216,6 +216,7 @@ def export_weights(artifact: str | Path, out_dir: str | Path, *, fmt: str = "saf
     from qgraph.ir.capture import load as capture_load
 
     artifact = Path(artifact)
+    check_output_dir(out_dir)  # before the work: a folder of the user's is never replaced
     if fmt != "safetensors":
         raise QGraphError(f"export format {fmt!r} is not supported", "use --format safetensors")
     manifest = read_manifest(artifact)
@@ -302,7 +303,7 @@ def export_weights(artifact: str | Path, out_dir: str | Path, *, fmt: str = "saf
         spec = _quantization_config(manifest)
         if spec is not None:
             (tmp / QUANT_CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
-        shutil.copy(artifact / "manifest.json", tmp / "qgraph_manifest.json")
+        shutil.copy(artifact / "manifest.json", tmp / EXPORT_MANIFEST)
 
     out = write_atomically(out_dir, fill)
     return {"out": str(out), "relative_error": gap, "tensors": len(written),

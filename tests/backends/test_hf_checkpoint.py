@@ -89,6 +89,14 @@ def test_an_online_rotation_is_refused_with_the_reason(llama_captured, text_file
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_folder_of_the_user_s_is_refused_before_any_work(awq, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(qgraph.QGraphError, match="exists and is not a qgraph artifact"):
+        export_weights(awq / "awq", tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
 def test_cli_export_weights_errors_are_one_line(tmp_path):
     from qgraph.cli import main
 
