@@ -69,6 +69,7 @@ def test_w8a8_qsm_recovers_accuracy_with_the_same_nodes(artifacts, tmp_path):
     assert q < 1.08 * fp, (fp, q)  # plain w8a8 is 2.5x fp32 on these windows
 
 
+@pytest.mark.slow  # 2-2.5 min (a KV-cache capture of the real model): make test-slow; the tiny Llama's runs in make test
 def test_cached_greedy_generation_matches_transformers_for_32_tokens():
     import torch
 
