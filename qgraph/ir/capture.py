@@ -394,7 +394,7 @@ class EncoderHidden(torch.nn.Module):
         return self.net(input_ids=input_ids).last_hidden_state
 
 
-def export_token_module(module, *, progress: bool = True) -> ir.Model:
+def export_token_module(module, *, progress: bool = True, optimize: bool = True) -> ir.Model:
     """A logits / hidden-state graph over token ids [batch, seq], both axes dynamic (ONNX dims `batch`, `seq`).
 
     The example is 2 x 16 tokens: torch.export specialises a size-1 axis, so a batch-1 example would fix
@@ -405,15 +405,20 @@ def export_token_module(module, *, progress: bool = True) -> ir.Model:
     example = torch.arange(3, 35, dtype=torch.int64).reshape(2, 16) % vocab
     try:
         return export_module(module, (example,), progress=progress, input_names=["input_ids"],
-                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024), 1: seq},))
+                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024), 1: seq},), optimize=optimize)
     except QGraphError:
         return export_module(module, (example[:1],), progress=progress, input_names=["input_ids"],
-                             dynamic_shapes=({1: seq},))
+                             dynamic_shapes=({1: seq},), optimize=optimize)
 
 
 def export_module(module, example_inputs: tuple, *, progress: bool = True, dynamic_shapes=None,
-                  input_names: list[str] | None = None, output_names: list[str] | None = None) -> ir.Model:
-    """torch.onnx.export(dynamo=True) at opset 21; linear nodes renamed to their module paths."""
+                  input_names: list[str] | None = None, output_names: list[str] | None = None,
+                  optimize: bool = True) -> ir.Model:
+    """torch.onnx.export(dynamo=True) at opset 21; linear nodes renamed to their module paths.
+
+    optimize=False skips the exporter's constant folding (onnxscript's optimizer): the streaming compile
+    exports weightless (meta) parameters and folds each block once its weights are read.
+    """
     from qgraph.progress import status
 
     if output_names is None and isinstance(module, CausalLMLogits):
@@ -433,6 +438,7 @@ def export_module(module, example_inputs: tuple, *, progress: bool = True, dynam
                 dynamic_shapes=dynamic_shapes,
                 verbose=False,
                 report=False,
+                optimize=optimize,
             )
         except Exception as exc:
             raise QGraphError(
@@ -466,9 +472,13 @@ def name_nodes_by_scope(model: ir.Model) -> None:
     """Give each MatMul/Gemm/Conv node its torch module path as a stable name; drop exporter metadata."""
     import ast
 
+    from qgraph.ir.partition import SCOPE_KEY
+
     seen: set[str] = set()
     for node in model.graph:
         scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if scopes:  # kept in memory only: the streaming compile cuts the graph into blocks by these paths
+            node.meta[SCOPE_KEY] = ast.literal_eval(scopes)
         if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose") and scopes:
             path = ast.literal_eval(scopes)
             classes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "[]"))

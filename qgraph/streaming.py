@@ -1,0 +1,355 @@
+"""Layer-streamed compile: one block's weights and calibration activations in memory at a time.
+
+The model is exported once without constant folding and, for a Hugging Face folder with safetensors,
+with weightless (meta) parameters: each initializer reads its tensor from the checkpoint only when a
+part needs it. The graph is cut into parts (qgraph.ir.partition: prologue, each block, epilogue);
+each part is folded, compiled with the recipe exactly as a whole model would be (`qgraph.api._compile`
+on the part, calibrated on the activations that reach it), and its lowered weights are parked in a
+work file as it finishes, so they leave memory. The inputs of part i+1 are part i's float outputs on the
+calibration windows (sequential="quantized": its quantized outputs, as GPTQ's reference code feeds
+blocks). The parts are joined into one graph whose initializers point into the work file; saving the
+artifact streams them into model.onnx.data.
+
+Passes that rewrite the residual stream of the whole model (rotate) or need the KV-cache graph
+(kv_quant) cannot run part by part and are refused.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from qgraph.errors import QGraphError
+
+# Passes that span parts: each names why it cannot run on one block at a time.
+WHOLE_MODEL_PASSES = {
+    "rotate": "rotates the residual stream, which the embedding, every block and the head share",
+    "kv_quant": "quantizes the KV cache of the decoder-step graph; streaming compiles the logits graph",
+}
+SEQUENTIAL = ("float", "quantized")
+_PARK_MIN_BYTES = 1024  # smaller initializers (shape constants) stay in the graph: ORT's shape inference reads them
+_ALIGN = 64
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class SafetensorsWeights:
+    """Tensors of a Hugging Face checkpoint folder (one file or an index of shards), read one at a time."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            self.files = {k: self.directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        elif (self.directory / "model.safetensors").exists():
+            from safetensors import safe_open
+
+            with safe_open(self.directory / "model.safetensors", "pt") as f:
+                self.files = {k: self.directory / "model.safetensors" for k in f.keys()}  # noqa: SIM118 - not a dict
+        else:
+            self.files = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def read(self, key: str) -> np.ndarray:
+        import torch
+        from safetensors import safe_open
+
+        with safe_open(self.files[key], "pt") as f:
+            return f.get_tensor(key).to(torch.float32).numpy()
+
+
+def load_streaming(source: Any = None, *, progress: bool = True):
+    """Capture a causal LM / encoder for streaming: unfolded graph, weights read lazily where possible.
+
+    A Hugging Face folder with safetensors is built on the meta device (no weight in memory) and its
+    initializers read the checkpoint on demand; a GGUF or other source is loaded by transformers first.
+    """
+    from qgraph.ir.capture import CapturedModel, export_token_module, load
+
+    directory = Path(source) if source is not None else None
+    weights = SafetensorsWeights(directory) if directory is not None and directory.is_dir() else None
+    if weights:
+        captured = _meta_capture(directory, weights, progress=progress)
+    else:
+        captured = load(source, progress=progress, export=False)
+        if captured.torch_module is None:
+            raise QGraphError(f"streaming compiles torch, Hugging Face and GGUF models; {source!r} is an ONNX graph",
+                              "compile it without --stream, or pass the model it was exported from")
+        captured = CapturedModel(export_token_module(captured.torch_module, progress=progress, optimize=False),
+                                 captured.tokenizer, captured.source, captured.torch_module)
+    return captured
+
+
+def _meta_capture(directory: Path, weights: SafetensorsWeights, *, progress: bool):
+    import torch
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    from qgraph.ir.capture import CapturedModel, CausalLMLogits, EncoderHidden, causal_lm, export_token_module, load_tokenizer
+
+    transformers.logging.set_verbosity_error()
+    config = AutoConfig.from_pretrained(str(directory))
+    archs = list(getattr(config, "architectures", None) or [])
+    is_causal = causal_lm(archs, config.model_type)
+    auto = transformers.AutoModelForCausalLM if is_causal else transformers.AutoModel
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed on CPU
+        module = auto.from_config(config, dtype=torch.float32)
+    module.tie_weights()  # a tied lm_head is the embedding's parameter: one initializer, as from_pretrained gives
+    module.eval()
+    if hasattr(module.config, "use_cache"):
+        module.config.use_cache = False
+    wrapper = CausalLMLogits(module) if is_causal else EncoderHidden(module)
+    model = export_token_module(wrapper, progress=progress, optimize=False)
+    tied = getattr(module, "_tied_weights_keys", None) if getattr(config, "tie_word_embeddings", False) else None
+    tied = tied if isinstance(tied, dict) else {}  # {tied parameter: the parameter the checkpoint stores}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or not _on_meta(tensor):
+            continue
+        key = name.split(".", 1)[1] if name.startswith("net.") else name
+        key = key if key in weights else tied.get(key, key)
+        if key not in weights:
+            raise QGraphError(f"parameter {key!r} is not in the checkpoint {str(directory)!r}",
+                              "pass the folder transformers saved (config.json and its safetensors)")
+        value.const_value = ir.LazyTensor(lambda key=key: ir.Tensor(weights.read(key)), dtype=tensor.dtype,
+                                          shape=tensor.shape, name=name)
+    source = {"kind": "huggingface", "path": str(directory), "default": False, "model_type": config.model_type,
+              "architecture": archs[0] if archs else type(module).__name__, "loaded_class": type(module).__name__,
+              "task": "causal-lm" if is_causal else "encoder"}
+    return CapturedModel(model, load_tokenizer(directory), source, None)
+
+
+def _on_meta(tensor) -> bool:
+    raw = getattr(tensor, "raw", None)
+    return getattr(raw, "is_meta", False)
+
+
+class _WorkFile:
+    """Append-only file that holds finished parts' weights until the artifact is saved."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = Path(tempfile.mkdtemp(prefix="qgraph-stream.", dir=directory))
+        atexit.register(shutil.rmtree, self.directory, True)
+        self.name = "weights.bin"
+        self.file = open(self.directory / self.name, "wb")  # noqa: SIM115 - closed in close()
+        self.offset = 0
+        self.bytes = 0
+
+    def park(self, graph: ir.Graph) -> None:
+        """Write the graph's weights to the file and point the initializers at them (memory freed)."""
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < _PARK_MIN_BYTES:
+                continue
+            data = tensor.tobytes()
+            pad = -self.offset % _ALIGN
+            self.file.write(b"\0" * pad + data)
+            self.offset += pad
+            value.const_value = ir.ExternalTensor(self.name, self.offset, len(data), tensor.dtype, shape=tensor.shape,
+                                                  name=value.name, base_dir=str(self.directory))
+            self.offset += len(data)
+            self.bytes += len(data)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def check_streamable(recipe) -> None:
+    for name, _ in recipe.passes:
+        if name in WHOLE_MODEL_PASSES:
+            raise QGraphError(f"recipe {recipe.name}: pass {name} {WHOLE_MODEL_PASSES[name]}, so it cannot run one block "
+                              "at a time", "compile this recipe without --stream")
+
+
+def compile_streaming(source: Any = None, recipe: Any = "w8a8", calib: Any = None, *, progress: bool = True,
+                      verify: bool = False, sequential: str = "float", workdir: str | Path | None = None):
+    """Compile block by block (see the module doc); returns a CompiledModel whose weights wait in a work file.
+
+    calib: a CalibConfig or TokenWindows (text). workdir: where the work file goes (default: the system's
+    temporary directory); it is removed when the process exits, so save the artifact before that.
+    """
+    from qgraph.api import CalibConfig, calibration_windows_for
+    from qgraph.calib.blas import blas_threads
+    from qgraph.calib.data import TokenWindows
+    from qgraph.calib.stats import CALIB_THREADS
+    from qgraph.recipes import load_recipe
+
+    recipe = load_recipe(recipe)
+    check_streamable(recipe)
+    if sequential not in SEQUENTIAL:
+        raise QGraphError(f"unknown sequential mode {sequential!r}", f"use one of {', '.join(SEQUENTIAL)}")
+    t0 = time.perf_counter()
+    captured = load_streaming(source, progress=progress)
+    capture_s = time.perf_counter() - t0
+    windows = calib if isinstance(calib, TokenWindows) else calibration_windows_for(captured, calib or CalibConfig())
+    with blas_threads(CALIB_THREADS):
+        compiled = _stream(captured, recipe, windows, progress=progress, verify=verify, sequential=sequential,
+                           workdir=workdir)
+    compiled.report["timings_s"]["capture"] = round(capture_s, 3)
+    return compiled
+
+
+@dataclasses.dataclass
+class _Boundary:
+    """Values that cross parts, one array per calibration window, dropped after their last reader."""
+
+    values: dict[str, list[np.ndarray]]
+    last_reader: dict[str, int]
+
+    def feeds(self, names: list[str]) -> list[dict[str, np.ndarray]]:
+        count = len(next(iter(self.values.values())))
+        return [{n: self.values[n][w] for n in names} for w in range(count)]
+
+    def release(self, part: int) -> None:
+        for name in [n for n, last in self.last_reader.items() if last <= part and n in self.values]:
+            del self.values[name]
+
+
+def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequential: str, workdir):
+    from qgraph.api import _compile
+    from qgraph.backends.onnx_qdq import int8_kernel_record
+    from qgraph.calib.tensors import TensorFeeds
+    from qgraph.compiled import CompiledModel
+    from qgraph.ir.capture import CapturedModel
+    from qgraph.ir.partition import append_part, extract, partition
+    from qgraph.progress import track
+
+    model = captured.model
+    parts = partition(model)
+    part_recipe = dataclasses.replace(recipe, embedding=None, lm_head_tied=False)  # the table: once, on the joined graph
+    graph_input = model.graph.inputs[0].name
+    boundary = _Boundary({graph_input: [windows.ids[i:i + 1] for i in range(windows.ids.shape[0])]},
+                         {name: k for k, p in enumerate(parts) for name in p.inputs})
+    whole = ir.Model(ir.Graph([ir.Value(name=v.name, type=v.type, shape=v.shape) for v in model.graph.inputs], [],
+                              nodes=[], name=model.graph.name), ir_version=model.ir_version)
+    work = _WorkFile(workdir)
+    layers: list[dict] = []
+    part_reports: list[dict] = []
+    simplified: list[dict] = []
+    totals: dict[str, dict] = {}
+    sqnr: dict[str, float] = {}
+    try:
+        for k, part in enumerate(track(parts, "compiling block by block", enabled=progress)):
+            t = time.perf_counter()
+            sub = extract(model, part)
+            _fold(sub)
+            feeds = TensorFeeds(boundary.feeds([v.name for v in sub.graph.inputs]), f"the inputs of {part.name}")
+            result = _compile(CapturedModel(sub, captured.tokenizer, captured.source), part_recipe, feeds,
+                              progress=False, verify=verify)
+            needed = [name for name in part.outputs if boundary.last_reader.get(name, -1) > k]
+            if needed:
+                runs = _run(sub if sequential == "float" else result.model, needed, feeds)
+                for name in needed:
+                    boundary.values[name] = runs[name]
+            boundary.release(k)
+            del sub
+            work.park(result.model.graph)
+            for op, version in result.model.opset_imports.items():
+                whole.opset_imports[op] = max(version, whole.opset_imports.get(op, version))
+            whole.ir_version = max(whole.ir_version or 0, result.model.ir_version or 0)
+            append_part(whole, result.model, part.name.replace(".", "_"))
+            layers += result.layers
+            sqnr.update(result.report.get("layer_sqnr_db") or {})
+            simplified += [dict(e, part=part.name) for e in result.report.get("simplified", [])]
+            for entry in result.report.get("passes", []):
+                total = totals.setdefault(entry["pass"], {"pass": entry["pass"], "modified": False, "seconds": 0.0})
+                total["modified"] |= bool(entry["modified"])
+                total["seconds"] = round(total["seconds"] + entry["seconds"], 3)
+            part_reports.append({"part": part.name, "seconds": round(time.perf_counter() - t, 3),
+                                 "peak_rss_bytes": peak_rss_bytes(), "quantized_layers": result.report["quantized_layers"],
+                                 "passes": result.report.get("passes", [])})
+        work.close()
+        produced = {o.name: o for n in whole.graph for o in n.outputs}
+        whole.graph.outputs.extend(produced[v.name] for v in model.graph.outputs)
+        _join_cleanup(whole)
+        embedding = None
+        if recipe.embedding is not None:
+            from qgraph.backends.embedding_table import QuantizeEmbeddingPass, table_spec
+
+            t = time.perf_counter()
+            pass_ = QuantizeEmbeddingPass(table_spec(recipe.embedding.format, recipe.embedding.group_size),
+                                          tie_lm_head=recipe.lm_head_tied)
+            result = pass_(whole)
+            embedding = {"pass": "quantize_embedding", "modified": result.modified,
+                         "seconds": round(time.perf_counter() - t, 3), **pass_.summary()}
+    except BaseException:
+        work.remove()
+        raise
+    blocks = [p for p in part_reports if p["part"] not in ("prologue", "epilogue")]
+    report = {
+        "recipe": recipe.name,
+        "simplified": simplified,
+        "passes": list(totals.values()) + ([embedding] if embedding else []),
+        "quantized_layers": len(layers),
+        "layer_sqnr_db": sqnr,
+        "timings_s": {**{p["pass"]: p["seconds"] for p in totals.values()}, "parts": round(sum(p["seconds"] for p in part_reports), 3)},
+        "int8_gemm": int8_kernel_record(whole),
+        "streaming": {
+            "parts": part_reports,
+            "blocks": len(blocks),
+            "seconds_per_block": round(sum(p["seconds"] for p in blocks) / max(1, len(blocks)), 3),
+            "sequential": sequential,
+            "parked_bytes": work.bytes,
+            "peak_rss_bytes": peak_rss_bytes(),
+        },
+    }
+    compiled = CompiledModel(whole, captured.tokenizer, dict(captured.source, streamed=True), recipe, layers, report)
+    compiled.workdir = work.directory
+    return compiled
+
+
+def _fold(sub: ir.Model) -> None:
+    """What the exporter's optimizer does to a whole graph, for one part: constant folding, weight transposes."""
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.optimize_ir(sub)
+    graph = sub.graph
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
+        del graph.initializers[name]  # the unfolded weights (their transposes replaced them)
+
+
+def _run(model: ir.Model, names: list[str], feeds) -> dict[str, list[np.ndarray]]:
+    from qgraph.backends.onnx_qdq import session_from_model
+
+    session = session_from_model(model)
+    outputs = [o.name for o in session.get_outputs()]
+    index = [outputs.index(n) for n in names]
+    runs: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for feed in feeds.batches:
+        values = session.run(None, feed)
+        for n, i in zip(names, index, strict=True):
+            runs[n].append(values[i])
+    return runs
+
+
+def _join_cleanup(model: ir.Model) -> None:
+    """Merge what each part recomputed (positions, masks, rotary tables) and drop what nothing reads."""
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass, DeduplicateInitializersPass, RemoveUnusedNodesPass
+
+    DeduplicateInitializersPass(size_limit=_PARK_MIN_BYTES)(model)
+    CommonSubexpressionEliminationPass()(model)
+    RemoveUnusedNodesPass()(model)
