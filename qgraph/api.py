@@ -74,7 +74,11 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
         return _compile(model, recipe, calib, progress=progress, verify=verify)
 
 
-def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: bool) -> CompiledModel:
+def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: bool, stage_calib=None) -> CompiledModel:
+    """compile() without the thread pinning. stage_calib(i, graph, changed), when given (the streaming compile),
+    returns the calibration data for recipe pass i (i = len(passes): range calibration and SQNR), given the
+    graph as it stands before that pass and whether its function moved since the previous stage: a block is
+    then calibrated on what the passes so far made of the blocks before it, as in a whole-model compile."""
     import onnx_ir as ir
 
     from qgraph.backends.onnx_qdq import LowerToOnnxPass, int8_kernel_record
@@ -137,8 +141,14 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
         run(SplitFusedLinearsPass(), "split_fused_linears", simplified, simplify_verdicts)
     for entry, verdict in zip(simplified, simplify_verdicts, strict=False):
         entry["verified"] = verdict
-    for name, options in recipe.passes:
-        run(_recipe_pass(name, options, recipe, calib, progress), name)
+    changed = True  # since the last stage: the graph's function moved (a weight-rounding pass ran)
+    for i, (name, options) in enumerate(recipe.passes):
+        stage = calib if stage_calib is None else stage_calib(i, graph_model, changed)
+        p = _recipe_pass(name, options, recipe, stage, progress)
+        run(p, name)
+        changed = not getattr(p, "function_preserving", False)
+    if stage_calib is not None:
+        calib = stage_calib(len(recipe.passes), graph_model, changed)
     # The float reference for per-layer SQNR is the graph after the function-preserving rewrites:
     # they rescale (and may widen) layers inside a region, so only this graph matches layer for layer.
     float_reference = graph_model.clone() if recipe.passes else model.model  # the cleanup changes no layer

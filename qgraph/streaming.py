@@ -5,9 +5,10 @@ with weightless (meta) parameters: each initializer reads its tensor from the ch
 part needs it. The graph is cut into parts (qgraph.ir.partition: prologue, each block, epilogue);
 each part is folded, compiled with the recipe exactly as a whole model would be (`qgraph.api._compile`
 on the part, calibrated on the activations that reach it), and its lowered weights are parked in a
-work file as it finishes, so they leave memory. The inputs of part i+1 are part i's float outputs on the
-calibration windows (sequential="quantized": its quantized outputs, as GPTQ's reference code feeds
-blocks). The parts are joined into one graph whose initializers point into the work file; saving the
+work file as it finishes, so they leave memory. The inputs of part i+1 are part i's outputs on the
+calibration windows. By default each pass of a block is calibrated on what the earlier passes made of the blocks
+before it, as a whole-model compile does, so the artifact is the one `qgraph compile` writes without
+streaming, up to float rounding. The parts are joined into one graph whose initializers point into the work file; saving the
 artifact streams them into model.onnx.data.
 
 Passes that rewrite the residual stream of the whole model (rotate) or need the KV-cache graph
@@ -36,7 +37,10 @@ WHOLE_MODEL_PASSES = {
     "rotate": "rotates the residual stream, which the embedding, every block and the head share",
     "kv_quant": "quantizes the KV cache of the decoder-step graph; streaming compiles the logits graph",
 }
-SEQUENTIAL = ("float", "quantized")
+# What a block is calibrated on: "as-whole" (default), the blocks before it as each pass left them, which
+# is what a whole-model compile does; "float", the float model's activations for every pass; "quantized",
+# the lowered blocks' outputs (what the block reads at run time; GPTQ's reference code feeds blocks so).
+SEQUENTIAL = ("as-whole", "float", "quantized")
 _PARK_MIN_BYTES = 1024  # smaller initializers (shape constants) stay in the graph: ORT's shape inference reads them
 _ALIGN = 64
 
@@ -186,7 +190,7 @@ def check_streamable(recipe) -> None:
 
 
 def compile_streaming(source: Any = None, recipe: Any = "w8a8", calib: Any = None, *, progress: bool = True,
-                      verify: bool = False, sequential: str = "float", workdir: str | Path | None = None):
+                      verify: bool = False, sequential: str = "as-whole", workdir: str | Path | None = None):
     """Compile block by block (see the module doc); returns a CompiledModel whose weights wait in a work file.
 
     calib: a CalibConfig or TokenWindows (text). workdir: where the work file goes (default: the system's
@@ -213,20 +217,44 @@ def compile_streaming(source: Any = None, recipe: Any = "w8a8", calib: Any = Non
     return compiled
 
 
-@dataclasses.dataclass
 class _Boundary:
-    """Values that cross parts, one array per calibration window, dropped after their last reader."""
+    """Values that cross parts: per calibration stage, one array per window; dropped after their last reader.
 
-    values: dict[str, list[np.ndarray]]
-    last_reader: dict[str, int]
+    Stage s holds what the blocks compute after the recipe's first s passes (a whole-model compile
+    calibrates pass s on exactly that). A stage after function-preserving passes only is the same list
+    object as the stage before it, so it costs no memory and no run.
+    """
 
-    def feeds(self, names: list[str]) -> list[dict[str, np.ndarray]]:
-        count = len(next(iter(self.values.values())))
-        return [{n: self.values[n][w] for n in names} for w in range(count)]
+    def __init__(self, graph_input: str, ids: np.ndarray, stages: int, last_reader: dict[str, int]):
+        windows = [ids[i:i + 1] for i in range(ids.shape[0])]
+        self.values: dict[str, dict[int, list[np.ndarray]]] = {graph_input: dict.fromkeys(range(stages), windows)}
+        self.last_reader = last_reader
+
+    def feeds(self, names: list[str], stage: int) -> list[dict[str, np.ndarray]]:
+        lists = [self.values[n][self.latest(n, stage)] for n in names]
+        return [{n: lst[w] for n, lst in zip(names, lists, strict=True)} for w in range(len(lists[0]))]
+
+    def latest(self, name: str, stage: int) -> int:
+        return max(s for s in self.values[name] if s <= stage)
+
+    def same_inputs(self, names: list[str], stage: int) -> bool:
+        """Whether every input's stage `stage` is the very list of stage - 1."""
+        return stage > 0 and all(self.values[n].get(stage) is self.values[n].get(stage - 1) for n in names)
 
     def release(self, part: int) -> None:
         for name in [n for n, last in self.last_reader.items() if last <= part and n in self.values]:
             del self.values[name]
+
+
+def _stages_needed(recipe) -> set[int]:
+    """The stages some pass calibrates on: before each pass that reads data, and the range calibration."""
+    from qgraph.passes.registry import lookup
+
+    needed = {i for i, (name, _) in enumerate(recipe.passes) if not lookup(name, recipe.name).data_free}
+    rules = [r for r in (recipe.blocks, recipe.lm_head) if r is not None]
+    if any(r.activations is not None and r.activations.static for r in rules) or not needed:
+        needed.add(len(recipe.passes))
+    return needed | {0}
 
 
 def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequential: str, workdir):
@@ -240,9 +268,10 @@ def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequenti
 
     model = captured.model
     parts = partition(model)
-    part_recipe = dataclasses.replace(recipe, embedding=None, lm_head_tied=False)  # the table: once, on the joined graph
-    graph_input = model.graph.inputs[0].name
-    boundary = _Boundary({graph_input: [windows.ids[i:i + 1] for i in range(windows.ids.shape[0])]},
+    part_recipe = dataclasses.replace(recipe, embedding=None)  # the table is quantized once, on the joined graph
+    stages = len(recipe.passes) + 1
+    needed = _stages_needed(recipe) if sequential == "as-whole" else {0}
+    boundary = _Boundary(model.graph.inputs[0].name, windows.ids, stages,
                          {name: k for k, p in enumerate(parts) for name in p.inputs})
     whole = ir.Model(ir.Graph([ir.Value(name=v.name, type=v.type, shape=v.shape) for v in model.graph.inputs], [],
                               nodes=[], name=model.graph.name), ir_version=model.ir_version)
@@ -257,16 +286,40 @@ def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequenti
             t = time.perf_counter()
             sub = extract(model, part)
             _fold(sub)
-            feeds = TensorFeeds(boundary.feeds([v.name for v in sub.graph.inputs]), f"the inputs of {part.name}")
-            result = _compile(CapturedModel(sub, captured.tokenizer, captured.source), part_recipe, feeds,
-                              progress=False, verify=verify)
-            needed = [name for name in part.outputs if boundary.last_reader.get(name, -1) > k]
-            if needed:
-                runs = _run(sub if sequential == "float" else result.model, needed, feeds)
-                for name in needed:
-                    boundary.values[name] = runs[name]
+            names = [v.name for v in sub.graph.inputs]
+            later = [name for name in part.outputs if boundary.last_reader.get(name, -1) > k]
+            produced: dict[str, dict[int, list[np.ndarray]]] = {name: {} for name in later}
+            runs = {"forward": 0}
+
+            def stage_calib(i: int, graph: ir.Model, changed: bool, names=names, later=later, produced=produced,
+                            runs=runs, part=part):
+                stage = i if sequential == "as-whole" else 0
+                # rows: the windows' tokens, so samplers (AWQ, clip search) pick the rows a whole-model compile picks
+                feeds = TensorFeeds(boundary.feeds(names, stage), f"the inputs of {part.name}", rows=int(windows.ids.size))
+                if later and stage in needed and stage not in next(iter(produced.values())):
+                    if stage > 0 and not changed and boundary.same_inputs(names, stage) and stage - 1 in produced[later[0]]:
+                        for name in later:  # nothing moved since the previous stage: the same outputs
+                            produced[name][stage] = produced[name][stage - 1]
+                    elif sequential != "quantized":
+                        outs = _run(graph, later, feeds)
+                        runs["forward"] += 1
+                        for name in later:
+                            produced[name][stage] = outs[name]
+                return feeds
+
+            result = _compile(CapturedModel(sub, captured.tokenizer, captured.source), part_recipe,
+                              TensorFeeds(boundary.feeds(names, 0), f"the inputs of {part.name}", rows=int(windows.ids.size)),
+                              progress=False, verify=verify, stage_calib=stage_calib)
+            if later and sequential == "quantized":  # what the next block reads at run time
+                outs = _run(result.model, later, TensorFeeds(boundary.feeds(names, 0), part.name))
+                runs["forward"] += 1
+                for name in later:
+                    produced[name][0] = outs[name]
             boundary.release(k)
+            for name in later:
+                boundary.values[name] = produced[name]
             del sub
+            _reuse_shared(whole, result.model, model, part.shared)
             work.park(result.model.graph)
             for op, version in result.model.opset_imports.items():
                 whole.opset_imports[op] = max(version, whole.opset_imports.get(op, version))
@@ -281,7 +334,7 @@ def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequenti
                 total["seconds"] = round(total["seconds"] + entry["seconds"], 3)
             part_reports.append({"part": part.name, "seconds": round(time.perf_counter() - t, 3),
                                  "peak_rss_bytes": peak_rss_bytes(), "quantized_layers": result.report["quantized_layers"],
-                                 "passes": result.report.get("passes", [])})
+                                 "forward_runs": runs["forward"], "passes": result.report.get("passes", [])})
         work.close()
         produced = {o.name: o for n in whole.graph for o in n.outputs}
         whole.graph.outputs.extend(produced[v.name] for v in model.graph.outputs)
@@ -320,6 +373,16 @@ def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequenti
     compiled = CompiledModel(whole, captured.tokenizer, dict(captured.source, streamed=True), recipe, layers, report)
     compiled.workdir = work.directory
     return compiled
+
+
+def _reuse_shared(whole: ir.Model, part: ir.Model, captured: ir.Model, shared: list[str]) -> None:
+    """A weight an earlier part already wrote (the tied table), unchanged here, is read from there: one copy."""
+    for name in shared:
+        mine, earlier = part.graph.initializers.get(name), whole.graph.initializers.get(name)
+        if mine is None or earlier is None or mine.const_value is not captured.graph.initializers[name].const_value:
+            continue
+        mine.replace_all_uses_with(earlier)
+        del part.graph.initializers[name]
 
 
 def _fold(sub: ir.Model) -> None:

@@ -38,6 +38,7 @@ class TensorFeeds:
     source: str = "arrays"
     labels: np.ndarray | None = None  # one class index per sample, in order, when the source had classes
     classes: list[str] | None = None
+    rows: int | None = None  # activation rows the runs produce, when not one per sample (a block's token windows)
 
     @property
     def count(self) -> int:
@@ -54,7 +55,7 @@ class TensorFeeds:
     @property
     def size(self) -> int:
         """Rows of activations the runs produce, for samplers that spread picks over them."""
-        return self.samples
+        return self.rows if self.rows is not None else self.samples
 
     def feeds(self, inputs: Iterable[Any]) -> Iterator[dict[str, np.ndarray]]:
         """The runs, after checking them against a graph's (or session's) inputs."""

@@ -29,6 +29,10 @@ class Part:
     nodes: list[int]
     inputs: list[str]
     outputs: list[str]
+    shared: list[str] = dataclasses.field(default_factory=list)  # large initializers other parts read too
+
+
+SHARED_SUFFIX = "__read_elsewhere"
 
 
 def _block_of(node: ir.Node) -> tuple[str, int] | None:
@@ -106,6 +110,14 @@ def partition(model: ir.Model) -> list[Part]:
                                   "the blocks of this graph are not in sequence; compile without --stream")
             reads.append(v.name)
         parts.append(Part(name, sorted(members), reads, []))
+    readers: dict[str, set[int]] = {}
+    for k, p in enumerate(parts):
+        for i in p.nodes:
+            for v in nodes[i].inputs:
+                if v is not None and v.is_initializer() and v.const_value is not None and v.const_value.size > _SMALL_CONSTANT:
+                    readers.setdefault(v.name, set()).add(k)
+    for k, p in enumerate(parts):
+        p.shared = sorted(name for name, ks in readers.items() if k in ks and len(ks) > 1)
     graph_outputs = {v.name for v in model.graph.outputs}
     read = {name for p in parts for name in p.inputs}
     for k, p in enumerate(parts):
@@ -147,7 +159,10 @@ def _data_free(nodes: list[ir.Node], position: dict[int, int]) -> list[bool]:
 def extract(model: ir.Model, part: Part) -> ir.Model:
     """The part as a standalone model: boundary reads become graph inputs, boundary writes graph outputs.
 
-    Initializers are shared with `model` (onnx_ir's clone shares tensors), so no weight is copied.
+    Initializers are shared with `model` (onnx_ir's clone shares tensors), so no weight is copied. A large
+    initializer another part reads too (a tied embedding table) also feeds an Identity output named
+    `<name>__read_elsewhere`: the passes then see what the whole graph shows them, a weight with a reader
+    outside their region, which they must not change in place. `append_part` drops those outputs.
     """
     sub = model.clone()
     graph = sub.graph
@@ -175,6 +190,11 @@ def extract(model: ir.Model, part: Part) -> ir.Model:
             node.replace_input_with(i, None)
     graph.inputs.extend(inputs)
     graph.outputs.extend(outputs)
+    for name in part.shared:
+        pin = ir.node("Identity", [graph.initializers[name]], name=f"{name}{SHARED_SUFFIX}")
+        pin.outputs[0].name = f"{name}{SHARED_SUFFIX}"
+        graph.append(pin)
+        graph.outputs.append(pin.outputs[0])
     for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
         del graph.initializers[name]
     return sub
@@ -205,8 +225,10 @@ def append_part(whole: ir.Model, part: ir.Model, tag: str) -> None:
             v.name = f"{name}__{tag}"
         graph.register_initializer(v)
         known[v.name] = v
-    boundary = {id(v) for v in part.graph.outputs}
+    pins = [v.producer() for v in part.graph.outputs if v.name.endswith(SHARED_SUFFIX)]
+    boundary = {id(v) for v in part.graph.outputs if not v.name.endswith(SHARED_SUFFIX)}
     part.graph.outputs.clear()
+    part.graph.remove(pins, safe=True)
     moved = list(part.graph)
     part.graph.remove(moved, safe=False)
     for node in moved:
