@@ -7,7 +7,7 @@
     qgraph.evaluate("out/w8a8")["ppl"]
 """
 
-from qgraph.api import CalibConfig, CompiledModel, Runner, bench, compile, evaluate, load, open_runner
+from qgraph.api import CalibConfig, CompiledModel, Runner, bench, compile, compile_streaming, evaluate, load, open_runner
 from qgraph.errors import QGraphError
 from qgraph.generate import generate
 from qgraph.ir.qspec import QuantSpec
@@ -15,5 +15,5 @@ from qgraph.recipes import Recipe, load_recipe
 
 __all__ = [
     "CalibConfig", "CompiledModel", "QGraphError", "QuantSpec", "Recipe", "Runner",
-    "bench", "compile", "evaluate", "generate", "load", "load_recipe", "open_runner",
+    "bench", "compile", "compile_streaming", "evaluate", "generate", "load", "load_recipe", "open_runner",
 ]

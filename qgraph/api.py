@@ -24,7 +24,8 @@ from qgraph.ir.feeds import reads_tokens
 from qgraph.recipes import Recipe, load_recipe
 from qgraph.runner import Runner, open_runner
 
-__all__ = ["CalibConfig", "CompiledModel", "Runner", "bench", "compile", "evaluate", "load", "open_runner"]
+__all__ = ["CalibConfig", "CompiledModel", "Runner", "bench", "compile", "compile_streaming", "evaluate", "load",
+           "open_runner"]
 
 
 def load(
@@ -72,6 +73,34 @@ def compile(  # noqa: A001 - mirrors `qgraph compile`
 
     with blas_threads(CALIB_THREADS):  # numpy's float sums too, not only ORT's: the same artifact on any machine
         return _compile(model, recipe, calib, progress=progress, verify=verify)
+
+
+def compile_streaming(
+    source: Any = None, recipe: str | Path | Recipe = "w8a8", calib: CalibConfig | TokenWindows | None = None, *,
+    progress: bool = True, verify: bool = False, sequential: str = "as-whole", workdir: str | Path | None = None,
+) -> CompiledModel:
+    """Compile a language model block by block (`qgraph compile --stream`): see qgraph.streaming.
+
+    source: a Hugging Face folder (its safetensors are read one block at a time; the model is never
+    in memory whole), a .gguf or None (the default model). The result's weights wait in a work file
+    under `workdir` (default: the system's temporary directory): save() writes them into the artifact,
+    discard() removes the file (also done when the process exits).
+    """
+    from qgraph.calib.blas import blas_threads
+    from qgraph.calib.stats import CALIB_THREADS
+    from qgraph.streaming import check_streamable, load_streaming, stream
+
+    recipe = load_recipe(recipe)
+    check_streamable(recipe)
+    t0 = time.perf_counter()
+    captured = load_streaming(source, progress=progress)
+    capture_s = time.perf_counter() - t0
+    windows = calib if isinstance(calib, TokenWindows) else calibration_windows_for(captured, calib or CalibConfig())
+    with blas_threads(CALIB_THREADS):
+        compiled = stream(captured, recipe, windows, _compile, progress=progress, verify=verify, sequential=sequential,
+                          workdir=workdir)
+    compiled.report["timings_s"]["capture"] = round(capture_s, 3)
+    return compiled
 
 
 def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: bool, stage_calib=None) -> CompiledModel:

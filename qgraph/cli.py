@@ -68,6 +68,14 @@ def compile_cmd(
         "onnx", "--format",
         help="onnx: a qgraph artifact; genai: also an onnxruntime-genai model folder (genai_config.json; "
              "implies --kv-cache)."),
+    stream: bool = typer.Option(
+        False, "--stream",
+        help="Compile block by block: one block's weights and calibration activations in memory at a time, weights "
+             "read from the checkpoint's safetensors as needed (models larger than memory). Same artifact."),
+    sequential: str = typer.Option(
+        "as-whole", "--sequential",
+        help="--stream: what a block is calibrated on: as-whole (the earlier blocks as each pass left them, what a "
+             "whole-model compile does), float, or quantized (the lowered earlier blocks)."),
 ) -> None:
     """Capture MODEL, apply RECIPE and write an ONNX Runtime (or TVM) artifact directory."""
     import qgraph
@@ -100,7 +108,27 @@ def compile_cmd(
         if backend != "onnxruntime":
             raise QGraphError("--format genai writes an ONNX Runtime folder", "drop --backend tvm")
         kv_cache = True
+    if stream:
+        from qgraph.streaming import SEQUENTIAL, check_streamable
+
+        for flag, given in (("--backend tvm", backend == "tvm"), ("--kv-cache", kv_cache), ("--calib-data", calib_data)):
+            if given:
+                raise QGraphError(f"--stream compiles the logits graph of a language model for ONNX Runtime; {flag} "
+                                  "is not supported with it", f"drop {flag} or --stream")
+        if sequential not in SEQUENTIAL:
+            raise QGraphError(f"unknown --sequential {sequential!r}", f"use one of {', '.join(SEQUENTIAL)}")
+        check_streamable(recipe_obj)
     t0 = time.perf_counter()
+    if stream:
+        compiled = qgraph.compile_streaming(model, recipe_obj, qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx),
+                                            progress=progress, verify=verify, sequential=sequential,
+                                            workdir=out.resolve().parent)
+        try:
+            path = compiled.save(out, progress=progress, report_files=report)
+        finally:
+            compiled.discard()
+        _print_compile_summary(path, recipe_obj, t0, quiet)
+        return
     captured = qgraph.load(model, progress=progress, export=False, kv_cache=kv_cache)
     if kv_cache and captured.model is not None:
         from qgraph.ir.feeds import has_cache
@@ -131,6 +159,11 @@ def compile_cmd(
         path = save_artifact(compiled, out, target=target, archs=archs, progress=progress)
     else:
         path = compiled.save(out, progress=progress, report_files=report, genai=out_format == "genai")
+    _print_compile_summary(path, recipe_obj, t0, quiet)
+
+
+def _print_compile_summary(path: Path, recipe_obj, t0: float, quiet: bool) -> None:
+    """Add the total time to report.json and print the one-table summary."""
     report = json.loads((path / "report.json").read_text())
     report["timings_s"]["total"] = round(time.perf_counter() - t0, 3)
     (path / "report.json").write_text(json.dumps(report, indent=2) + "\n")

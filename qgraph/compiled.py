@@ -27,6 +27,16 @@ class CompiledModel:
     # GroupQueryAttention (qgraph.backends.ort_attention; what qgraph's runners and onnxruntime-genai load), or
     # with kv_quant the cache stored as KIVI codes (qgraph.backends.kivi_cache; qgraph's decoder only).
     runtime: Any = None
+    # A streamed compile's work folder: its weights file backs the graph's initializers until save().
+    workdir: Path | None = None
+
+    def discard(self) -> None:
+        """Remove a streamed compile's work folder (after save(); the graph can no longer be read)."""
+        import shutil
+
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
 
     @property
     def runtime_kind(self) -> str | None:

@@ -189,34 +189,6 @@ def check_streamable(recipe) -> None:
                               "at a time", "compile this recipe without --stream")
 
 
-def compile_streaming(source: Any = None, recipe: Any = "w8a8", calib: Any = None, *, progress: bool = True,
-                      verify: bool = False, sequential: str = "as-whole", workdir: str | Path | None = None):
-    """Compile block by block (see the module doc); returns a CompiledModel whose weights wait in a work file.
-
-    calib: a CalibConfig or TokenWindows (text). workdir: where the work file goes (default: the system's
-    temporary directory); it is removed when the process exits, so save the artifact before that.
-    """
-    from qgraph.api import CalibConfig, calibration_windows_for
-    from qgraph.calib.blas import blas_threads
-    from qgraph.calib.data import TokenWindows
-    from qgraph.calib.stats import CALIB_THREADS
-    from qgraph.recipes import load_recipe
-
-    recipe = load_recipe(recipe)
-    check_streamable(recipe)
-    if sequential not in SEQUENTIAL:
-        raise QGraphError(f"unknown sequential mode {sequential!r}", f"use one of {', '.join(SEQUENTIAL)}")
-    t0 = time.perf_counter()
-    captured = load_streaming(source, progress=progress)
-    capture_s = time.perf_counter() - t0
-    windows = calib if isinstance(calib, TokenWindows) else calibration_windows_for(captured, calib or CalibConfig())
-    with blas_threads(CALIB_THREADS):
-        compiled = _stream(captured, recipe, windows, progress=progress, verify=verify, sequential=sequential,
-                           workdir=workdir)
-    compiled.report["timings_s"]["capture"] = round(capture_s, 3)
-    return compiled
-
-
 class _Boundary:
     """Values that cross parts: per calibration stage, one array per window; dropped after their last reader.
 
@@ -257,8 +229,13 @@ def _stages_needed(recipe) -> set[int]:
     return needed | {0}
 
 
-def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequential: str, workdir):
-    from qgraph.api import _compile
+def stream(captured, recipe, windows, compile_part, *, progress: bool = True, verify: bool = False,
+           sequential: str = "as-whole", workdir: str | Path | None = None):
+    """Compile a load_streaming() capture part by part (see the module doc) on token windows.
+
+    compile_part is qgraph.api's per-graph compile (passed in: this module sits below the API).
+    Returns a CompiledModel whose weights wait in a work file until it is saved or discarded.
+    """
     from qgraph.backends.onnx_qdq import int8_kernel_record
     from qgraph.calib.tensors import TensorFeeds
     from qgraph.compiled import CompiledModel
@@ -275,12 +252,16 @@ def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequenti
                          {name: k for k, p in enumerate(parts) for name in p.inputs})
     whole = ir.Model(ir.Graph([ir.Value(name=v.name, type=v.type, shape=v.shape) for v in model.graph.inputs], [],
                               nodes=[], name=model.graph.name), ir_version=model.ir_version)
+    check_streamable(recipe)
+    if sequential not in SEQUENTIAL:
+        raise QGraphError(f"unknown sequential mode {sequential!r}", f"use one of {', '.join(SEQUENTIAL)}")
     work = _WorkFile(workdir)
     layers: list[dict] = []
     part_reports: list[dict] = []
     simplified: list[dict] = []
     totals: dict[str, dict] = {}
     sqnr: dict[str, float] = {}
+    listed: dict[str, list] = {"skipped_layers": [], "float_layers": [], "not_quantized": []}
     try:
         for k, part in enumerate(track(parts, "compiling block by block", enabled=progress)):
             t = time.perf_counter()
@@ -307,7 +288,7 @@ def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequenti
                             produced[name][stage] = outs[name]
                 return feeds
 
-            result = _compile(CapturedModel(sub, captured.tokenizer, captured.source), part_recipe,
+            result = compile_part(CapturedModel(sub, captured.tokenizer, captured.source), part_recipe,
                               TensorFeeds(boundary.feeds(names, 0), f"the inputs of {part.name}", rows=int(windows.ids.size)),
                               progress=False, verify=verify, stage_calib=stage_calib)
             if later and sequential == "quantized":  # what the next block reads at run time
@@ -327,6 +308,8 @@ def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequenti
             append_part(whole, result.model, part.name.replace(".", "_"))
             layers += result.layers
             sqnr.update(result.report.get("layer_sqnr_db") or {})
+            for key, items in listed.items():
+                items += result.report.get(key) or []
             simplified += [dict(e, part=part.name) for e in result.report.get("simplified", [])]
             for entry in result.report.get("passes", []):
                 total = totals.setdefault(entry["pass"], {"pass": entry["pass"], "modified": False, "seconds": 0.0})
@@ -358,6 +341,7 @@ def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequenti
         "simplified": simplified,
         "passes": list(totals.values()) + ([embedding] if embedding else []),
         "quantized_layers": len(layers),
+        **listed,
         "layer_sqnr_db": sqnr,
         "timings_s": {**{p["pass"]: p["seconds"] for p in totals.values()}, "parts": round(sum(p["seconds"] for p in part_reports), 3)},
         "int8_gemm": int8_kernel_record(whole),
@@ -370,9 +354,8 @@ def _stream(captured, recipe, windows, *, progress: bool, verify: bool, sequenti
             "peak_rss_bytes": peak_rss_bytes(),
         },
     }
-    compiled = CompiledModel(whole, captured.tokenizer, dict(captured.source, streamed=True), recipe, layers, report)
-    compiled.workdir = work.directory
-    return compiled
+    return CompiledModel(whole, captured.tokenizer, dict(captured.source, streamed=True), recipe, layers, report,
+                         workdir=work.directory)
 
 
 def _reuse_shared(whole: ir.Model, part: ir.Model, captured: ir.Model, shared: list[str]) -> None:

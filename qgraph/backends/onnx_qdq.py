@@ -438,7 +438,8 @@ def save_model(model: ir.Model, path: Path) -> list[Path]:
         data = path.name + ".data"
         ir.save(model, path, external_data=data)
         return [path, path.parent / data]
-    ir.save(model, path)
+    # Weights a streamed compile parked in its work file go into the proto (a small model's only file).
+    ir.save(ir.external_data.load_to_model(model), path)
     return [path]
 
 

@@ -110,6 +110,17 @@ def partition(model: ir.Model) -> list[Part]:
                                   "the blocks of this graph are not in sequence; compile without --stream")
             reads.append(v.name)
         parts.append(Part(name, sorted(members), reads, []))
+    graph_outputs = {v.name for v in model.graph.outputs}
+    read = {name for p in parts for name in p.inputs}
+    for p in parts:  # drop what a part would compute for nobody (a recomputable chain left in the prologue)
+        live: set[int] = set()
+        members = set(p.nodes)
+        for i in sorted(p.nodes, reverse=True):
+            if any(o.name in graph_outputs or o.name in read or any(
+                    position[id(u.node)] in live and position[id(u.node)] in members for u in o.uses())
+                   for o in nodes[i].outputs):
+                live.add(i)
+        p.nodes = sorted(live)
     readers: dict[str, set[int]] = {}
     for k, p in enumerate(parts):
         for i in p.nodes:
@@ -118,8 +129,6 @@ def partition(model: ir.Model) -> list[Part]:
                     readers.setdefault(v.name, set()).add(k)
     for k, p in enumerate(parts):
         p.shared = sorted(name for name, ks in readers.items() if k in ks and len(ks) > 1)
-    graph_outputs = {v.name for v in model.graph.outputs}
-    read = {name for p in parts for name in p.inputs}
     for k, p in enumerate(parts):
         p.outputs = [o.name for i in groups[order[k]] for o in nodes[i].outputs if o.name in graph_outputs or o.name in read]
     return [p for p in parts if p.nodes]
