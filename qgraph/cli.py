@@ -120,9 +120,9 @@ def compile_cmd(
         check_streamable(recipe_obj)
     t0 = time.perf_counter()
     if stream:
-        compiled = qgraph.compile_streaming(model, recipe_obj, qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx),
-                                            progress=progress, verify=verify, sequential=sequential,
-                                            workdir=out.resolve().parent)
+        calib_config = qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx)
+        compiled = qgraph.compile_streaming(model, recipe_obj, calib_config, progress=progress, verify=verify,
+                                            sequential=sequential, workdir=out.resolve().parent)
         try:
             path = compiled.save(out, progress=progress, report_files=report)
         finally:

@@ -318,6 +318,8 @@ def stream(captured, recipe, windows, compile_part, *, progress: bool = True, ve
             part_reports.append({"part": part.name, "seconds": round(time.perf_counter() - t, 3),
                                  "peak_rss_bytes": peak_rss_bytes(), "quantized_layers": result.report["quantized_layers"],
                                  "forward_runs": runs["forward"], "passes": result.report.get("passes", [])})
+            del result, stage_calib
+            _release_memory()
         work.close()
         produced = {o.name: o for n in whole.graph for o in n.outputs}
         whole.graph.outputs.extend(produced[v.name] for v in model.graph.outputs)
@@ -343,7 +345,8 @@ def stream(captured, recipe, windows, compile_part, *, progress: bool = True, ve
         "quantized_layers": len(layers),
         **listed,
         "layer_sqnr_db": sqnr,
-        "timings_s": {**{p["pass"]: p["seconds"] for p in totals.values()}, "parts": round(sum(p["seconds"] for p in part_reports), 3)},
+        "timings_s": {**{p["pass"]: p["seconds"] for p in totals.values()},
+                      "parts": round(sum(p["seconds"] for p in part_reports), 3)},
         "int8_gemm": int8_kernel_record(whole),
         "streaming": {
             "parts": part_reports,
@@ -368,6 +371,19 @@ def _reuse_shared(whole: ir.Model, part: ir.Model, captured: ir.Model, shared: l
         del part.graph.initializers[name]
 
 
+def _release_memory() -> None:
+    """Free a finished part now: graphs are reference cycles (nodes <-> values), which Python's collector
+    reaches only after enough new objects, not bytes; glibc then keeps freed arenas unless trimmed."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the allocator returns memory its own way
+        pass
+
+
 def _fold(sub: ir.Model) -> None:
     """What the exporter's optimizer does to a whole graph, for one part: constant folding, weight transposes."""
     import onnxscript.optimizer
@@ -381,7 +397,7 @@ def _fold(sub: ir.Model) -> None:
 def _run(model: ir.Model, names: list[str], feeds) -> dict[str, list[np.ndarray]]:
     from qgraph.backends.onnx_qdq import session_from_model
 
-    session = session_from_model(model)
+    session = session_from_model(model, optimize=False)  # unfused, as the calibration runs (collect_stats) are
     outputs = [o.name for o in session.get_outputs()]
     index = [outputs.index(n) for n in names]
     runs: dict[str, list[np.ndarray]] = {n: [] for n in names}
