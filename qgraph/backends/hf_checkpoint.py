@@ -24,6 +24,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qgraph.artifact import EXPORT_MANIFEST, check_output_dir, read_manifest, write_atomically
+from qgraph.backends.onnx_qdq import unpack_nibbles
 from qgraph.errors import QGraphError
 from qgraph.ir.hadamard import ONLINE_PREFIX
 from qgraph.ir.validate import constant_array
@@ -38,8 +39,7 @@ def _matmulnbits_weight(node: ir.Node, graph_consts: dict[str, np.ndarray]) -> n
     blocks = -(-k // block)
     packed = constant_array(node.inputs[1]).reshape(n, -1)
     if bits == 4:
-        codes = np.empty((n, packed.shape[1] * 2), np.float32)
-        codes[:, 0::2], codes[:, 1::2] = packed & 15, packed >> 4
+        codes = unpack_nibbles(packed).astype(np.float32)
     elif bits == 8:
         codes = packed.astype(np.float32)
     else:
@@ -49,8 +49,7 @@ def _matmulnbits_weight(node: ir.Node, graph_consts: dict[str, np.ndarray]) -> n
     if zp_value is None:
         zero = np.full((n, blocks), 2 ** (bits - 1), np.float32)
     elif zp_value.dtype == ir.DataType.UINT8 and bits == 4:
-        z = constant_array(zp_value).reshape(n, -1)
-        zero = np.stack([z & 15, z >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+        zero = unpack_nibbles(constant_array(zp_value).reshape(n, -1))[:, :blocks].astype(np.float32)
     else:
         zero = constant_array(zp_value).astype(np.float32).reshape(n, blocks)
     w = (codes.reshape(n, blocks, -1)[:, :, :block] - zero[:, :, None]) * scales[:, :, None]
@@ -147,9 +146,7 @@ def _table(graph: ir.Graph) -> np.ndarray | None:
             scales = _constant(node.inputs[2]).astype(np.float32)
             rows, block = scales.shape[0], a["block_size"]
             if a.get("bits", 4) == 4:
-                codes = np.empty((rows, packed.shape[1] * 2), np.float32)
-                codes[:, 0::2], codes[:, 1::2] = packed & 15, packed >> 4
-                zero = 8.0
+                codes, zero = unpack_nibbles(packed).astype(np.float32), 8.0
             else:
                 codes, zero = packed.astype(np.float32), 128.0
             if len(node.inputs) > 3 and node.inputs[3] is not None:

@@ -36,6 +36,13 @@ EXTERNAL_DATA_THRESHOLD = 64 * 1024 * 1024
 CONV_WEIGHT_STORAGE = "uint8"
 
 
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., m] -> 4-bit codes [..., 2m] (uint8), low nibble first: how MatMulNBits and
+    GatherBlockQuantized store B, zero points and tables (the inverse of pack_matmulnbits' packing)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+
+
 def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Pack a float [K, N] weight for MatMulNBits: (B [N, blocks, block/2] uint8, scales, zero points).
 

@@ -10,17 +10,13 @@ import pytest
 import torch
 
 import qgraph
-from qgraph.backends.hf_checkpoint import QUANT_CONFIG, export_weights
+from qgraph.backends.hf_checkpoint import QUANT_CONFIG, _float_reference, export_weights
 from qgraph.backends.onnx_qdq import session_from_model
 
 
 def _float_compute(path) -> ir.Model:
     """The artifact with MatMulNBits computing in float (accuracy level 1): its weights, no activation rounding."""
-    model = ir.external_data.load_to_model(ir.load(path))
-    for node in model.graph:
-        if node.op_type == "MatMulNBits":
-            node.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 1)
-    return model
+    return _float_reference(ir.external_data.load_to_model(ir.load(path)))
 
 
 def _gap_to_artifact(hf_dir, artifact, length: int):

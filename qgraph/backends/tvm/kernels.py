@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qgraph.backends.onnx_qdq import unpack_nibbles
+
 PACK = 8  # 4-bit codes per uint32 word
 VEC = 16  # fp32 lanes of one AVX-512 register (two AVX2 registers)
 
@@ -63,19 +65,12 @@ def matmulnbits_to_q4(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray
     """ORT MatMulNBits tensors (B [N, blocks, block/2] uint8, scales [N*blocks], 4-bit packed zero points)
     -> this module's layout (w uint32 [words, N], scales [G, N], zeros uint8 [G, N] or None)."""
     blocks = -(-k // block)
-    b = b.reshape(n, blocks * block // 2)
-    codes = np.empty((n, blocks * block), dtype=np.uint8)
-    codes[:, 0::2] = b & 15
-    codes[:, 1::2] = b >> 4
+    codes = unpack_nibbles(b.reshape(n, blocks * block // 2))
     w = pack_int4(np.ascontiguousarray(codes[:, :k].T))
     s = np.ascontiguousarray(scales.reshape(n, blocks).T).astype(np.float32)
     z = None
     if zero_points is not None:
-        zp = zero_points.reshape(n, -1)
-        both = np.empty((n, zp.shape[1] * 2), dtype=np.uint8)
-        both[:, 0::2] = zp & 15
-        both[:, 1::2] = zp >> 4
-        z = np.ascontiguousarray(both[:, :blocks].T)
+        z = np.ascontiguousarray(unpack_nibbles(zero_points.reshape(n, -1))[:, :blocks].T)
     return w, s, z
 
 
