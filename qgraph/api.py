@@ -140,7 +140,7 @@ def _compile(model: CapturedModel, recipe, calib, *, progress: bool, verify: boo
         if verify and getattr(p, "function_preserving", False):
             from qgraph.eval.verify import check_pass, tensor_verification_inputs, token_range, verification_inputs
 
-            if not tokens:
+            if not tokens or isinstance(calib, TensorFeeds):  # tensor inputs (a streamed block reads hidden states too)
                 inputs = tensor_verification_inputs(list(graph_model.graph.inputs),
                                                     calib if isinstance(calib, TensorFeeds) else None)
             else:

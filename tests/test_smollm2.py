@@ -94,3 +94,30 @@ def test_w4a16_awq_genai_folder_generates_qgraph_tokens_under_onnxruntime_genai(
     prompt = captured.tokenizer("The history of the city of London begins")["input_ids"]
     ours = qgraph.generate(folder, prompt, max_new_tokens=32, eos_token_id=None)
     assert og is not None and og_greedy(folder, prompt, 32) == ours.new_ids
+
+
+@pytest.mark.slow  # ~3 min: two compiles of the real model; tools/bench_scale.py measures the 1.5 B one
+def test_streamed_w4a16_awq_is_the_whole_model_artifact():
+    import numpy as np
+
+    from qgraph.backends.onnx_qdq import session_from_model
+
+    whole = qgraph.compile(qgraph.load(progress=False), "w4a16-awq", progress=False)
+    streamed = qgraph.compile_streaming(None, "w4a16-awq", progress=False)
+    try:
+        def codes(model):
+            return {n.name: [v.const_value.numpy() for v in n.inputs[1:] if v is not None and v.const_value is not None]
+                    for n in model.graph if n.op_type == "MatMulNBits" and n.name.startswith("model.layers.")}
+
+        a, b = codes(whole.model), codes(streamed.model)
+        assert len(a) == 210 and set(a) == set(b)
+        for name in a:  # every block linear: the same 4-bit codes, scales and zero points
+            for x, y in zip(a[name], b[name], strict=True):
+                np.testing.assert_array_equal(y, x, err_msg=name)
+        ids = (np.arange(128).reshape(2, 64) * 37) % 49152
+        x = session_from_model(whole.model).run(None, {"input_ids": ids})[0]
+        y = session_from_model(streamed.model).run(None, {"input_ids": ids})[0]
+        assert np.abs(x - y).max() <= 1e-5 * np.abs(x).max()
+        assert streamed.report["streaming"]["blocks"] == 30
+    finally:
+        streamed.discard()
