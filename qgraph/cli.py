@@ -122,7 +122,8 @@ def compile_cmd(
     if stream:
         calib_config = qgraph.CalibConfig(text=calib_text, windows=calib_windows, ctx=ctx)
         compiled = qgraph.compile_streaming(model, recipe_obj, calib_config, progress=progress, verify=verify,
-                                            sequential=sequential, workdir=out.resolve().parent)
+                                            sequential=sequential,  # the work file on the output's filesystem
+                                            workdir=next(p for p in out.resolve().parents if p.is_dir()))
         try:
             path = compiled.save(out, progress=progress, report_files=report)
         finally:

@@ -87,12 +87,13 @@ def test_cli_stream_writes_the_artifact_and_no_work_files(llama_dir, text_file, 
 
     from qgraph.cli import app
 
-    out = tmp_path / "art"
+    out = tmp_path / "new" / "art"  # a parent that does not exist yet
     args = ["compile", str(llama_dir), "-r", "w8a8-qsm", "-o", str(out), "--stream", "--calib-text", str(text_file),
             "--calib-windows", "4", "--ctx", "64", "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]  # the work folder beside it is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["new"]  # the work folder is gone
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["art"]
     report = json.loads((out / "report.json").read_text())
     assert report["streaming"]["blocks"] == 2 and report["quantized_layers"] == 14
     loaded = qgraph.load(out / "model.onnx", progress=False)

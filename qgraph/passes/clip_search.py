@@ -11,12 +11,13 @@ the folds it follows.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
-from qgraph.calib.stats import collect_stats
+from qgraph.calib.stats import CALIB_THREADS, collect_stats
 from qgraph.errors import QGraphError
 from qgraph.ir.qspec import QuantSpec
 from qgraph.ir.regions import find_linears, weight_array
@@ -92,10 +93,16 @@ class WeightClipSearchPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         names = list(dict.fromkeys(layer.activation.name for layer in layers))
         stats = collect_stats(model, names, self.windows, progress=self.progress, sample_tokens=self.sample_tokens)
-        for layer in track(layers, "clip search", total=len(layers), enabled=self.progress):
-            x = stats[layer.activation.name].sample_rows
+
+        def search(layer):
             w0 = weight_array(layer)
-            w, self.mean_ratio[layer.name] = clip_weight(w0, x, self.spec, self.ratios)
+            return w0, *clip_weight(w0, stats[layer.activation.name].sample_rows, self.spec, self.ratios)
+
+        # Layers are searched two at a time (numpy releases the GIL in the array work); results apply in order.
+        with ThreadPoolExecutor(max_workers=CALIB_THREADS) as pool:
+            searched = list(track(pool.map(search, layers), "clip search", total=len(layers), enabled=self.progress))
+        for layer, (w0, w, ratio) in zip(layers, searched, strict=True):
+            self.mean_ratio[layer.name] = ratio
             if not np.array_equal(w, w0):  # else every group kept its full range: nothing to rewrite
                 set_linear_weight(model.graph, layer, w)
                 self.clipped.append(layer.name)

@@ -10,13 +10,14 @@ sink outputs Q(X / s) Q(s W) are closest to the float X W wins.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from qgraph.calib.data import TokenWindows
-from qgraph.calib.stats import ChannelStats, region_stats
+from qgraph.calib.stats import CALIB_THREADS, ChannelStats, region_stats
 from qgraph.ir.qspec import QuantSpec
 from qgraph.ir.regions import Region, weight_array
 from qgraph.ir.rewrite import scale_region
@@ -124,10 +125,13 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                                          self.activation_spec)
             return s, alpha, err
 
-        best = min((trial(a) for a in self.grid), key=lambda t: t[2])
-        if self.alpha == "search":
-            near = [round(best[1] + d, 3) for d in (-0.05, 0.05) if 0.0 <= best[1] + d <= 1.0]
-            best = min([best, *(trial(a) for a in near)], key=lambda t: t[2])
+        # Trials are independent and numpy releases the GIL in their array work: two run at once (the
+        # calibration thread count), the same results in the same order as one after another.
+        with ThreadPoolExecutor(max_workers=CALIB_THREADS) as pool:
+            best = min(pool.map(trial, self.grid), key=lambda t: t[2])
+            if self.alpha == "search":
+                near = [round(best[1] + d, 3) for d in (-0.05, 0.05) if 0.0 <= best[1] + d <= 1.0]
+                best = min([best, *pool.map(trial, near)], key=lambda t: t[2])
         return best
 
     def summary(self) -> dict:
