@@ -6,7 +6,10 @@ Each compile runs as its own `qgraph compile MODEL --stream` process, so its pea
 (the kernel's ru_maxrss for that child, from os.wait4) and wall time are its own. Time against layer
 count is fitted with a line: `seconds_per_layer` is the slope, `r2` how straight the line is. The
 models are built (seeded, safetensors shards, once) when missing. Prints the CPU it ran on to stderr,
-then one JSON line:
+then one JSON line. Each run also fits its own blocks' finishing times against block index
+(`within_run_r2`): the depth curve of one compile, fixed costs (capture, head, save) left out.
+
+
 
     python tools/bench_scale.py --json [--recipes w4a16-awq,w8a8-qsm --depths 0.25x,0.5x,1x --calib-windows 8]
 """
@@ -105,6 +108,13 @@ def main() -> None:
                     "artifact_bytes": run["report"]["sizes_bytes"]["model_files"],
                     "quantized_layers": run["report"]["quantized_layers"],
                 }
+                # Within the run: the time to finish block i against i (one model, no fixed costs mixed in).
+                blocks = [p["seconds"] for p in streaming["parts"] if p["part"] not in ("prologue", "epilogue")]
+                if len(blocks) >= 3:
+                    done = [sum(blocks[:i + 1]) for i in range(len(blocks))]
+                    _, slope, r2 = fit_line(list(range(1, len(blocks) + 1)), done)
+                    runs[depth].update(block_seconds_min_max=[min(blocks), max(blocks)],
+                                       within_run_seconds_per_layer=round(slope, 2), within_run_r2=round(r2, 4))
                 print(json.dumps({recipe: {depth: runs[depth]}}), file=sys.stderr)
                 if args.out is None:
                     shutil.rmtree(out, ignore_errors=True)
