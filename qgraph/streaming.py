@@ -262,6 +262,7 @@ def stream(captured, recipe, windows, compile_part, *, progress: bool = True, ve
     totals: dict[str, dict] = {}
     sqnr: dict[str, float] = {}
     listed: dict[str, list] = {"skipped_layers": [], "float_layers": [], "not_quantized": []}
+    verified: list[dict] = []
     try:
         for k, part in enumerate(track(parts, "compiling block by block", enabled=progress)):
             t = time.perf_counter()
@@ -311,6 +312,7 @@ def stream(captured, recipe, windows, compile_part, *, progress: bool = True, ve
             for key, items in listed.items():
                 items += result.report.get(key) or []
             simplified += [dict(e, part=part.name) for e in result.report.get("simplified", [])]
+            verified += [dict(v, part=part.name) for v in result.report.get("verified") or []]
             for entry in result.report.get("passes", []):
                 total = totals.setdefault(entry["pass"], {"pass": entry["pass"], "modified": False, "seconds": 0.0})
                 total["modified"] |= bool(entry["modified"])
@@ -344,6 +346,7 @@ def stream(captured, recipe, windows, compile_part, *, progress: bool = True, ve
         "passes": list(totals.values()) + ([embedding] if embedding else []),
         "quantized_layers": len(layers),
         **listed,
+        "verified": verified if verify else None,
         "layer_sqnr_db": sqnr,
         "timings_s": {**{p["pass"]: p["seconds"] for p in totals.values()},
                       "parts": round(sum(p["seconds"] for p in part_reports), 3)},

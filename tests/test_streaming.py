@@ -102,3 +102,11 @@ def test_cli_stream_writes_the_artifact_and_no_work_files(llama_dir, text_file, 
     assert np.abs(_logits(loaded.model) - expected).max() <= 1e-5 * np.abs(expected).max()
     assert_user_error(qgraph_cli("compile", llama_dir, "-o", tmp_path / "x", "--stream", "--kv-cache"),
                       "--kv-cache is not supported with it")
+
+
+def test_verify_checks_every_part(llama_dir, text_file):
+    compiled = qgraph.compile_streaming(llama_dir, "w8a8-qsm", _calib(text_file), progress=False, verify=True)
+    compiled.discard()
+    verdicts = compiled.report["verified"]
+    assert [v["part"] for v in verdicts] == ["prologue", "model.layers.0", "model.layers.1", "epilogue"]
+    assert all(v["ok"] and v["relative_error"] < 1e-5 for v in verdicts)
