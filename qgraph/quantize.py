@@ -99,48 +99,41 @@ def broadcast_params(p: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> 
     return np.repeat(p, spec.block_size, axis=axis).take(range(shape[axis]), axis=axis)
 
 
-def _group_views(x: np.ndarray, params: list[np.ndarray], spec: QuantSpec):
-    """x as [..., groups, block, ...] and the per-group parameters as [..., groups, 1, ...], when the axis is
-    whole blocks: broadcasting then replaces a full-size copy of every parameter (np.repeat). None otherwise."""
-    if spec.granularity != "block" or x.ndim == 0:
-        return None
-    axis = spec.axis % x.ndim
-    n, block = x.shape[axis], spec.block_size
-    if n % block or any(np.ndim(p) != x.ndim for p in params):
-        return None
-    split = (*x.shape[:axis], n // block, block, *x.shape[axis + 1:])
-    return x.reshape(split), [np.asarray(p).reshape(*x.shape[:axis], n // block, 1, *x.shape[axis + 1:]) for p in params]
+def _params(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec):
+    """(x, scale, zero point) shaped to broadcast against each other, all float32; zero point None for float formats.
+
+    Per-group parameters over whole blocks: x viewed as [..., groups, block, ...] and the parameters as
+    [..., groups, 1, ...], so no full-size copy of them is made (np.repeat). Otherwise broadcast_params.
+    """
+    axis = spec.axis % x.ndim if spec.granularity == "block" and x.ndim else 0
+    if (spec.granularity == "block" and x.ndim and x.shape[axis] % spec.block_size == 0
+            and np.ndim(scale) == x.ndim and np.ndim(zero_point) == x.ndim):
+        groups = (*x.shape[:axis], x.shape[axis] // spec.block_size)
+        xv = x.reshape(*groups, spec.block_size, *x.shape[axis + 1:])
+        s, z = (np.asarray(p).reshape(*groups, 1, *x.shape[axis + 1:]) for p in (scale, zero_point))
+    else:
+        xv, s, z = x, broadcast_params(scale, x.shape, spec), None
+    z = None if spec.is_float else (z if z is not None else broadcast_params(zero_point, x.shape, spec)).astype(np.float32)
+    return xv, s.astype(np.float32), z
 
 
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """ONNX QuantizeLinear in numpy (saturating; float formats round to nearest even)."""
     x = np.asarray(x, dtype=np.float32)
-    grouped = _group_views(x, [scale, zero_point], spec)
-    if grouped is not None:
-        xg, (s, z) = grouped
-    else:
-        xg, s, z = x, broadcast_params(scale, x.shape, spec), None
-    s = s.astype(np.float32)
+    xv, s, z = _params(x, scale, zero_point, spec)
     if spec.is_float:
-        return np.clip(xg / s, spec.qmin, spec.qmax).astype(spec.storage_dtype).reshape(x.shape)
-    z = (z if z is not None else broadcast_params(zero_point, x.shape, spec)).astype(np.float32)
-    q = np.round(xg / s + z) if spec.float_zero_point else np.round(xg / s) + z
+        return np.clip(xv / s, spec.qmin, spec.qmax).astype(spec.storage_dtype).reshape(x.shape)
+    q = np.round(xv / s + z) if spec.float_zero_point else np.round(xv / s) + z
     return np.clip(q, spec.qmin, spec.qmax).astype(spec.storage_dtype).reshape(x.shape)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """ONNX DequantizeLinear in numpy."""
     qf = np.asarray(q).astype(np.float32)
-    grouped = _group_views(qf, [scale, zero_point], spec)
-    if grouped is not None:
-        qg, (s, z) = grouped
-    else:
-        qg, s, z = qf, broadcast_params(scale, qf.shape, spec), None
-    s = s.astype(np.float32)
+    qv, s, z = _params(qf, scale, zero_point, spec)
     if spec.is_float:
-        return (qg * s).reshape(qf.shape)
-    z = (z if z is not None else broadcast_params(zero_point, qf.shape, spec)).astype(np.float32)
-    return ((qg - z) * s).astype(np.float32).reshape(qf.shape)
+        return (qv * s).reshape(qf.shape)
+    return ((qv - z) * s).astype(np.float32).reshape(qf.shape)
 
 
 def quantize_tensor(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -273,11 +273,14 @@ def stream(captured, recipe, windows, compile_part, *, progress: bool = True, ve
             produced: dict[str, dict[int, list[np.ndarray]]] = {name: {} for name in later}
             runs = {"forward": 0}
 
-            def stage_calib(i: int, graph: ir.Model, changed: bool, names=names, later=later, produced=produced,
-                            runs=runs, part=part):
-                stage = i if sequential == "as-whole" else 0
+            def feeds_at(stage: int, names=names, part=part) -> TensorFeeds:
                 # rows: the windows' tokens, so samplers (AWQ, clip search) pick the rows a whole-model compile picks
-                feeds = TensorFeeds(boundary.feeds(names, stage), f"the inputs of {part.name}", rows=int(windows.ids.size))
+                return TensorFeeds(boundary.feeds(names, stage), f"the inputs of {part.name}", rows=int(windows.ids.size))
+
+            def stage_calib(i: int, graph: ir.Model, changed: bool, names=names, later=later, produced=produced,
+                            runs=runs, feeds_at=feeds_at):
+                stage = i if sequential == "as-whole" else 0
+                feeds = feeds_at(stage)
                 if later and stage in needed and stage not in next(iter(produced.values())):
                     if stage > 0 and not changed and boundary.same_inputs(names, stage) and stage - 1 in produced[later[0]]:
                         for name in later:  # nothing moved since the previous stage: the same outputs
@@ -289,11 +292,10 @@ def stream(captured, recipe, windows, compile_part, *, progress: bool = True, ve
                             produced[name][stage] = outs[name]
                 return feeds
 
-            result = compile_part(CapturedModel(sub, captured.tokenizer, captured.source), part_recipe,
-                              TensorFeeds(boundary.feeds(names, 0), f"the inputs of {part.name}", rows=int(windows.ids.size)),
-                              progress=False, verify=verify, stage_calib=stage_calib)
+            result = compile_part(CapturedModel(sub, captured.tokenizer, captured.source), part_recipe, feeds_at(0),
+                                  progress=False, verify=verify, stage_calib=stage_calib)
             if later and sequential == "quantized":  # what the next block reads at run time
-                outs = _run(result.model, later, TensorFeeds(boundary.feeds(names, 0), part.name))
+                outs = _run(result.model, later, feeds_at(0))
                 runs["forward"] += 1
                 for name in later:
                     produced[name][0] = outs[name]
@@ -320,7 +322,7 @@ def stream(captured, recipe, windows, compile_part, *, progress: bool = True, ve
             part_reports.append({"part": part.name, "seconds": round(time.perf_counter() - t, 3),
                                  "peak_rss_bytes": peak_rss_bytes(), "quantized_layers": result.report["quantized_layers"],
                                  "forward_runs": runs["forward"], "passes": result.report.get("passes", [])})
-            del result, stage_calib
+            del result, stage_calib, feeds_at
             _release_memory()
         work.close()
         produced = {o.name: o for n in whole.graph for o in n.outputs}
