@@ -136,6 +136,25 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: Q
     return ((qv - z) * s).astype(np.float32).reshape(qf.shape)
 
 
+def quantize_dequantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    """dequantize(quantize(x)), bit for bit, without the storage dtype between them.
+
+    Integer codes are whole numbers in [qmin, qmax] held exactly by float32, so the round trip stays in
+    float32 (searches call this hundreds of times per layer; the two casts were a quarter of the time).
+    Float formats round through their storage type, so they take the two-step path.
+    """
+    if spec.is_float:
+        return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec)
+    x = np.asarray(x, dtype=np.float32)
+    xv, s, z = _params(x, scale, zero_point, spec)
+    q = np.asarray(np.round(xv / s + z) if spec.float_zero_point else np.round(xv / s) + z)
+    np.maximum(q, spec.qmin, out=q)  # np.clip's result, without its dispatch cost on every call
+    np.minimum(q, spec.qmax, out=q)
+    q -= z
+    q *= s
+    return q.reshape(x.shape)
+
+
 def quantize_tensor(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize a constant tensor with parameters from its own range: (q, scale, zero_point)."""
     lo, hi = tensor_range(x, spec)

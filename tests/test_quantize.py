@@ -8,7 +8,15 @@ import pytest
 
 from qgraph.backends.onnx_qdq import session_from_model
 from qgraph.ir.qspec import QuantSpec
-from qgraph.quantize import dequantize, fake_quantize, qparams_from_range, quantize, quantize_tensor, tensor_range
+from qgraph.quantize import (
+    dequantize,
+    fake_quantize,
+    qparams_from_range,
+    quantize,
+    quantize_dequantize,
+    quantize_tensor,
+    tensor_range,
+)
 
 SPECS = [
     QuantSpec("int8", "tensor"),
@@ -69,6 +77,8 @@ def test_ort_qdq_matches_numpy_reference(spec: QuantSpec):
     # Bit-exact codes and exact dequantized values.
     np.testing.assert_array_equal(np.asarray(got_q).astype(np.float32), ref_q.astype(np.float32))
     np.testing.assert_array_equal(got_y, ref_y)
+    # The searches' one-step round trip is the two steps bit for bit.
+    np.testing.assert_array_equal(quantize_dequantize(x, scale, zp, spec), ref_y)
     # And quantization error within half a step (integers) or the format's relative precision (fp8).
     step = np.abs(np.broadcast_to(dequantize(np.ones_like(ref_q), scale, np.zeros_like(zp), spec), x.shape))
     if spec.is_float:
@@ -77,6 +87,19 @@ def test_ort_qdq_matches_numpy_reference(spec: QuantSpec):
         assert np.all(np.abs(ref_y - x) <= step + 1e-6)
     else:
         assert np.all(np.abs(ref_y - x) <= step / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("spec", [*SPECS, QuantSpec("uint4", "block", axis=0, block_size=16, symmetric=False,
+                                                     float_zero_point=True)], ids=lambda s: s.describe().replace(" ", "-"))
+def test_one_step_round_trip_is_the_two_steps_bit_for_bit(spec: QuantSpec):
+    """quantize_dequantize (the searches' inner loop) skips the storage dtype; the values must not move."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((64, 48)) * rng.uniform(0.1, 4, size=48)).astype(np.float32)
+    lo, hi = tensor_range(x, spec)
+    lo, hi = lo * np.float32(0.8), hi * np.float32(0.7)  # clipped ranges, as the clip search tries: codes saturate
+    scale, zp = qparams_from_range(lo, hi, spec)
+    two_steps = dequantize(quantize(x, scale, zp, spec), scale, zp, spec)
+    np.testing.assert_array_equal(quantize_dequantize(x, scale, zp, spec), two_steps)
 
 
 def test_symmetric_int8_uses_restricted_range():

@@ -24,7 +24,7 @@ from qgraph.ir.regions import find_linears, weight_array
 from qgraph.ir.rewrite import set_linear_weight
 from qgraph.options import option
 from qgraph.passes.registry import PassContext, register
-from qgraph.quantize import dequantize, qparams_from_range, quantize
+from qgraph.quantize import qparams_from_range, quantize_dequantize
 
 DEFAULT_RATIOS = tuple(np.round(np.linspace(1.0, 0.5, 11), 3))
 
@@ -49,7 +49,7 @@ def clip_weight(w: np.ndarray, x: np.ndarray, spec: QuantSpec, ratios=DEFAULT_RA
 
         def error(lo_c: np.ndarray, hi_c: np.ndarray, g=g, gram=gram) -> np.ndarray:
             scale, zp = qparams_from_range(lo_c, hi_c, column)
-            d = (g - dequantize(quantize(np.clip(g, lo_c, hi_c), scale, zp, column), scale, zp, column)).astype(np.float64)
+            d = (g - quantize_dequantize(np.minimum(np.maximum(g, lo_c), hi_c), scale, zp, column)).astype(np.float64)
             return np.einsum("in,in->n", gram @ d, d)
 
         best_lo, best_hi, best = lo.copy(), hi.copy(), error(lo, hi)

@@ -29,7 +29,7 @@ from qgraph.ir.rewrite import scale_region
 from qgraph.options import option
 from qgraph.passes.qsm import source_channel_absmax
 from qgraph.passes.registry import PassContext, register
-from qgraph.quantize import dequantize, fake_quantize, qparams_from_range, quantize
+from qgraph.quantize import fake_quantize, qparams_from_range, quantize_dequantize
 
 DEFAULT_TARGETS = (0.5, 0.9, 0.99, 1.0)  # quantiles of the per-channel maxima
 DEFAULT_CLIPS = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3, 0.2)  # fractions of the migrated max|X|: rho
@@ -111,7 +111,7 @@ class ExponentBiasPass(ir.passes.InPlacePass):
             rows, wq = cache[i]
             hi = clip * float((act_rows / rows).max())
             scale, zp = qparams_from_range(np.asarray(-hi), np.asarray(hi), self.activation_spec)
-            xq = dequantize(quantize(x / rows, scale, zp, self.activation_spec), scale, zp, self.activation_spec)
+            xq = quantize_dequantize(x / rows, scale, zp, self.activation_spec)
             num = sum(float(np.square(y - xq @ w).sum()) for y, w in zip(reference, wq, strict=True))
             return num / max(sum(float(np.square(y).sum()) for y in reference), 1e-30)
 

@@ -23,7 +23,7 @@ from qgraph.ir.regions import Region, weight_array
 from qgraph.ir.rewrite import scale_region
 from qgraph.options import option
 from qgraph.passes.registry import PassContext, register
-from qgraph.quantize import dequantize, fake_quantize, qparams_from_range, quantize
+from qgraph.quantize import fake_quantize, qparams_from_range, quantize_dequantize
 
 # Coarse grid for the strength search; the best point is then refined by +-0.05.
 DEFAULT_GRID = tuple(round(a, 2) for a in np.arange(0.0, 1.0001, 0.1))
@@ -55,7 +55,7 @@ def quantized_output_error(x: np.ndarray, weights: list[np.ndarray], reference: 
     if a_spec is not None:
         hi = float((act_absmax / row_scale).max())
         scale, zp = qparams_from_range(np.asarray(-hi), np.asarray(hi), a_spec)
-        xq = dequantize(quantize(xq, scale, zp, a_spec), scale, zp, a_spec)
+        xq = quantize_dequantize(xq, scale, zp, a_spec)
     num = den = 0.0
     for w, y in zip(weights, reference, strict=True):
         yq = xq @ fake_quantize(w * row_scale[:, None], w_spec)
