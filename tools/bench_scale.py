@@ -7,7 +7,8 @@ Each compile runs as its own `qgraph compile MODEL --stream` process, so its pea
 count is fitted with a line: `seconds_per_layer` is the slope, `r2` how straight the line is. The
 models are built (seeded, safetensors shards, once) when missing. Prints the CPU it ran on to stderr,
 then one JSON line. Each run also fits its own blocks' finishing times against block index
-(`within_run_r2`): the depth curve of one compile, fixed costs (capture, head, save) left out.
+(`within_run_r2`): the depth curve of one compile, fixed costs (capture, head, save) left out;
+`pass_seconds` splits the time by pass.
 
 
 
@@ -107,6 +108,8 @@ def main() -> None:
                     "save_seconds": run["report"]["timings_s"].get("save"),
                     "artifact_bytes": run["report"]["sizes_bytes"]["model_files"],
                     "quantized_layers": run["report"]["quantized_layers"],
+                    # Where the time went: each recipe pass summed over the parts.
+                    "pass_seconds": {p["pass"]: p["seconds"] for p in run["report"]["passes"] if p["seconds"] >= 0.5},
                 }
                 # Within the run: the time to finish block i against i (one model, no fixed costs mixed in).
                 blocks = [p["seconds"] for p in streaming["parts"] if p["part"] not in ("prologue", "epilogue")]
