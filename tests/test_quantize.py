@@ -77,8 +77,6 @@ def test_ort_qdq_matches_numpy_reference(spec: QuantSpec):
     # Bit-exact codes and exact dequantized values.
     np.testing.assert_array_equal(np.asarray(got_q).astype(np.float32), ref_q.astype(np.float32))
     np.testing.assert_array_equal(got_y, ref_y)
-    # The searches' one-step round trip is the two steps bit for bit.
-    np.testing.assert_array_equal(quantize_dequantize(x, scale, zp, spec), ref_y)
     # And quantization error within half a step (integers) or the format's relative precision (fp8).
     step = np.abs(np.broadcast_to(dequantize(np.ones_like(ref_q), scale, np.zeros_like(zp), spec), x.shape))
     if spec.is_float:
