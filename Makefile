@@ -33,7 +33,7 @@ demo: setup
 	@echo "w8a8-qsm perplexity (same nodes as w8a8):"; $(QGRAPH) eval $(OUT)/w8a8-qsm
 
 # Two workers (pytest-xdist), one test file each at a time, so a file's module fixtures (SmolLM2's artifacts)
-# are built once. On 2 cores: 11 min, against 21 min in one process (much of a test is Python and start-up).
+# are built once. On 2 cores: 9-11 min, against 21 min in one process (much of a test is Python and start-up).
 test: setup
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile --durations=15
 
