@@ -9,7 +9,7 @@ import onnx_ir as ir
 import pytest
 
 import qgraph
-from qgraph.backends.onnx_qdq import session_from_model
+from qgraph.backends.onnx_qdq import session_from_model, stored_quantizer_tensors
 from qgraph.errors import QGraphError
 from qgraph.streaming import load_streaming
 from tests.test_cli import assert_user_error
@@ -26,17 +26,6 @@ def _logits(model: ir.Model) -> np.ndarray:
     return session_from_model(model).run(None, {"input_ids": IDS})[0]
 
 
-def _weights(model: ir.Model) -> dict[str, np.ndarray]:
-    """Every quantized layer's stored codes and scales, by layer name."""
-    out = {}
-    for node in model.graph:
-        if node.op_type in ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear"):
-            for i, v in enumerate(node.inputs):
-                if v is not None and v.const_value is not None:
-                    out[f"{node.name}:{i}"] = v.const_value.numpy()
-    return out
-
-
 @pytest.mark.parametrize("recipe", ["w8a8-qsm", "w4a16-awq"])
 def test_streamed_artifact_is_the_whole_model_one(llama_dir, text_file, recipe):
     whole = qgraph.compile(qgraph.load(llama_dir, progress=False), recipe, _calib(text_file), progress=False)
@@ -44,7 +33,7 @@ def test_streamed_artifact_is_the_whole_model_one(llama_dir, text_file, recipe):
     try:
         expected, got = _logits(whole.model), _logits(streamed.model)
         assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
-        a, b = _weights(whole.model), _weights(streamed.model)
+        a, b = stored_quantizer_tensors(whole.model), stored_quantizer_tensors(streamed.model)
         layers = {k for k in a if k.startswith("model.layers.")}
         assert len(layers) >= 14 and layers <= set(b)
         for key in layers:  # the same codes and scales, not merely close logits

@@ -77,6 +77,16 @@ def pack_matmulnbits(w: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.nda
     return packed, scales, zero_points
 
 
+STORED_QUANTIZER_OPS = ("MatMulNBits", "DequantizeLinear", "GatherBlockQuantized")
+
+
+def stored_quantizer_tensors(model: ir.Model) -> dict[str, np.ndarray]:
+    """Every constant input of the lowered quantizer nodes (codes, scales, zero points), keyed "node:slot":
+    what two artifacts must share to hold the same quantized weights."""
+    return {f"{node.name}:{i}": v.const_value.numpy() for node in model.graph if node.op_type in STORED_QUANTIZER_OPS
+            for i, v in enumerate(node.inputs) if v is not None and v.const_value is not None}
+
+
 def fused_int8(note: LayerAnnotation) -> bool:
     """Whether ORT fuses this QDQ layer into MatMulIntegerToFloat (int8_kernels.takes_int8_gemm)."""
     return takes_int8_gemm(note.weight.format, note.activation)

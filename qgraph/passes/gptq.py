@@ -154,6 +154,7 @@ class ErrorFeedbackRoundingPass(ir.passes.InPlacePass):
         for name, group in track(list(by_input.items()), "error-feedback rounding", total=len(by_input),
                                  enabled=self.progress):
             gram = stats[name].gram
+            gram32 = gram.astype(np.float32)  # for the reported error ratios: one copy per shared input, not per call
             # Linears that read one input share H: round them as one wide matrix, one factorisation.
             weights = [weight_array(layer) for layer in group]
             wide = np.concatenate(weights, axis=1)
@@ -163,7 +164,7 @@ class ErrorFeedbackRoundingPass(ir.passes.InPlacePass):
                 q = rounded[:, start : start + w.shape[1]]
                 start += w.shape[1]
                 plain = fake_quantize(w, self.spec)
-                self.error_ratio[layer.name] = output_error(w, q, gram) / max(output_error(w, plain, gram), 1e-30)
+                self.error_ratio[layer.name] = output_error(w, q, gram32) / max(output_error(w, plain, gram32), 1e-30)
                 if not np.array_equal(q, w):  # else the weights sat on the grid already (rounded before)
                     set_linear_weight(model.graph, layer, np.ascontiguousarray(q))
                     self.rounded.append(layer.name)
